@@ -1,0 +1,83 @@
+"""Which channels MoC keeps: row Top-K or grouped a:b Top-K, ranked before or after SiLU.
+
+Backends return compact int64 indices (rows x kept channels, in no particular order). `torch` is
+plain `torch.topk`; GPU backends register themselves with `register_backend` when their kernels
+are importable, and `auto` takes the first registered one that runs on the tensor's device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# name -> (runs_on(device) -> bool, row_topk(scores, k), group_topk(scores, a, b))
+_BACKENDS: dict[str, tuple[Callable, Callable, Callable]] = {}
+# `auto` tries these in order; faster backends are inserted in front when they register.
+_AUTO_ORDER: list[str] = []
+
+
+def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False):
+    _BACKENDS[name] = (runs_on, row_topk, group_topk)
+    if name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(name)
+    _AUTO_ORDER.insert(0 if prefer else len(_AUTO_ORDER), name)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            if _BACKENDS[candidate][0](device):
+                return candidate
+        raise RuntimeError(f"no Top-K backend runs on {device}")
+    if name not in _BACKENDS:
+        raise ValueError(f"topk_backend = {name!r} is not available here: choose one of auto, {', '.join(_BACKENDS)}")
+    if not _BACKENDS[name][0](device):
+        raise ValueError(f"topk_backend = {name!r} does not run on {device}: use 'auto' or 'torch'")
+    return name
+
+
+def channel_scores(g: torch.Tensor, placement: str) -> torch.Tensor:
+    """The values channels are ranked by: G itself (pre_silu) or |SiLU(G)| (post_silu)."""
+    if placement == "pre_silu":
+        return g
+    return F.silu(g.float()).abs()
+
+
+def select_channels(
+    g: torch.Tensor,
+    *,
+    k: int,
+    group: Optional[tuple[int, int]] = None,
+    placement: str = "pre_silu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Indices (int64, rows x kept) of the channels of each row of G that MoC keeps."""
+    _, row_topk, group_topk = _BACKENDS[resolve_backend(backend, g.device)]
+    scores = channel_scores(g, placement)
+    if group is None:
+        return row_topk(scores, k)
+    return group_topk(scores, *group)
+
+
+def _torch_row_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(scores, k, dim=-1, sorted=False).indices
+
+
+def _torch_group_topk(scores: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    rows, width = scores.shape
+    full, rest = divmod(width, b)
+    parts = []
+    if full:
+        blocks = scores[:, : full * b].reshape(rows, full, b)
+        picked = torch.topk(blocks, a, dim=-1, sorted=False).indices
+        picked = picked + torch.arange(0, full * b, b, device=scores.device).unsqueeze(-1)
+        parts.append(picked.reshape(rows, full * a))
+    if rest:
+        # The last, shorter group of `rest` channels keeps min(a, rest) of them.
+        parts.append(torch.topk(scores[:, full * b :], min(a, rest), dim=-1, sorted=False).indices + full * b)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+register_backend("torch", lambda device: True, _torch_row_topk, _torch_group_topk)
