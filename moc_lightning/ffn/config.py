@@ -103,6 +103,8 @@ class FFNConfig:
             name += f"_{self.group}" if self.group else f"_k{self.k}"
             if self.placement == "post_silu":
                 name += "_post"
+            if not self.recompute:
+                name += "_stored"
         if self.kind == "backrazor":
             name += f"_{self.backrazor_keep:g}"
         return name + ("+gcp" if self.checkpoint else "")

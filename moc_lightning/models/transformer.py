@@ -1,0 +1,186 @@
+"""A LLaMA-style decoder whose FFNs are dense SwiGLU, MoC or a baseline, one per layer.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.i.self_attn.
+q_proj, ..., mlp.gate_proj, norm, lm_head), so state dicts map onto HF checkpoints by name.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moc_lightning.ffn import build_ffn
+from moc_lightning.models.config import ModelConfig
+
+
+class CausalLMOutput(NamedTuple):
+    logits: torch.Tensor  # (batch, seq, vocab)
+    loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy, float32, when labels given
+
+
+# --- rotary position embedding -------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's convention: channel i is paired with channel i + d/2 (not with its neighbour)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by the angles of its positions; cos/sin are (seq, head_dim).
+
+    Done in float32 and cast back: in bf16 the angles of late positions lose too many bits.
+    """
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+class RotaryTables(nn.Module):
+    """cos/sin tables (positions x head_dim, float32) for the training length, grown when needed.
+
+    Buffers are non-persistent: they are a function of the config, not learned, and stay out of
+    checkpoints.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._build(max_seq_len, device=None)
+
+    def _build(self, length: int, device) -> None:
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # both halves of a rotate_half pair share an angle
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, positions={self.cos.shape[0]}, theta={self.theta:g}"
+
+    def reset(self) -> None:
+        self._build(self.cos.shape[0], self.cos.device)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rebuild when the input is longer than the tables, or when model.to(dtype) cast them.
+        if seq_len > self.cos.shape[0] or self.cos.dtype != torch.float32 or self.cos.device != device:
+            self._build(max(seq_len, self.cos.shape[0]), device)
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+# --- the decoder -----------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query attention (n_kv_heads <= n_heads)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.flash_attn_func = None
+        if cfg.attention == "flash_attn":
+            try:  # fail when the model is built, not at the first step of a training run
+                from flash_attn import flash_attn_func
+            except ImportError as exc:
+                raise RuntimeError("attention='flash_attn' but flash_attn is not installed: "
+                                   "install flash-attn or use attention='sdpa'") from exc
+            self.flash_attn_func = flash_attn_func
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if self.flash_attn_func is not None:
+            # flash_attn takes (batch, seq, heads, dim) and handles fewer k/v heads itself.
+            out = self.flash_attn_func(q, k, v, causal=True)
+        else:
+            # SDPA wants (batch, heads, seq, dim); enable_gqa shares each k/v head among
+            # n_heads / n_kv_heads consecutive query heads, as HF's repeat_kv does.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = build_ffn(cfg.ffn_config(layer))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MoCTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = RotaryTables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+        if cfg.tie_embeddings:  # one matrix both reads tokens in and scores them out
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # HF LLaMA's init: every matrix ~ N(0, init_std), norms start as the identity.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise all weights and rebuild the RoPE tables (e.g. after meta-device init + to_empty)."""
+        self.apply(self._init_weights)
+        self.rotary.reset()
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """input_ids (batch, seq) -> logits (batch, seq, vocab); with labels (batch, seq), also the
+        loss of predicting token t+1 from tokens <= t (labels equal to -100 are ignored)."""
+        cos, sin = self.rotary(input_ids.shape[1], input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            # Shift here, as HF does, so labels can simply be input_ids; float32 for a stable softmax.
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, :-1].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits, loss)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied lm_head counts once); without the token embedding if asked."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed_tokens.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token, the standard estimate (Kaplan et al. 2020; PaLM appendix B):
+
+        6 * N for the forward and backward matmuls over the weights, with N the non-embedding
+        parameters plus lm_head's (a lookup costs nothing, the output projection does), plus
+        12 * n_layers * d_model * seq_len for the attention scores and their weighted sum.
+        It counts MoC's FFN as dense.
+        """
+        seq_len = self.cfg.max_seq_len if seq_len is None else seq_len
+        # Parameters that take part in matmuls: the layers, the final norm and lm_head (a tied
+        # lm_head shares its matrix with the embedding but still computes).
+        n = sum(p.numel() for p in self.layers.parameters()) + self.norm.weight.numel() + self.lm_head.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
