@@ -163,7 +163,7 @@ class MoCTransformer(nn.Module):
         loss = None
         if labels is not None:
             # Shift here, as HF does, so labels can simply be input_ids; float32 for a stable softmax.
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, :-1].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(logits, loss)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
