@@ -77,11 +77,20 @@ class SavedTensorRecorder:
                 self.result.tensors += 1
         return t
 
+    def _enter_scope(self, name: str):
+        def hook(module, args):
+            self._stack.append(name)  # a hook returning a value would replace the module's input
+
+        return hook
+
+    def _leave_scope(self, module, args, out):
+        self._stack.pop()  # returns None: a value would replace the module's output
+
     def __enter__(self) -> "SavedTensorRecorder":
         self._param_keys = {_storage_key(p)[0] for p in self.params}
         for name, module in self.scopes.items():
-            self._handles.append(module.register_forward_pre_hook(lambda m, args, name=name: self._stack.append(name)))
-            self._handles.append(module.register_forward_hook(lambda m, args, out: self._stack.pop()))
+            self._handles.append(module.register_forward_pre_hook(self._enter_scope(name)))
+            self._handles.append(module.register_forward_hook(self._leave_scope))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
