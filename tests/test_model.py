@@ -280,11 +280,11 @@ def test_meta_init_then_reset_parameters():
 
 
 def test_presets():
-    assert list(PRESETS) == ["llama-tiny", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"]
+    assert list(PRESETS) == ["llama-tiny", "llama-small", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"]
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)
         assert cfg.name == name and cfg.head_dim % 2 == 0
-        if name != "llama-tiny":
+        if name not in ("llama-tiny", "llama-small"):
             assert (cfg.vocab_size, cfg.max_seq_len) == (32000, 256)
     one_b = ModelConfig.from_preset("llama-1b")
     assert (one_b.d_model, one_b.d_ffn, one_b.n_heads, one_b.n_layers) == (2048, 5461, 32, 24)
