@@ -1,0 +1,1 @@
+"""Lightning training: the LightningModule, its optimiser schedule and the monitoring callbacks."""
