@@ -1,0 +1,1 @@
+"""The `moc` command line: composed configs and the jobs they start."""
