@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -50,7 +51,6 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     monitor_every_n_steps: int = 50  # activation memory and channel statistics
     seed: int = 0
-    compile: bool = False
     progress_bar: bool = True
 
     def __post_init__(self):
@@ -168,8 +168,15 @@ def compose(overrides: list[str], config_name: str = "train", config_dir: Option
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        # Hydra's messages are good but spread over lines; make them one paragraph.
+        # Hydra's messages are good but spread over lines; make them one paragraph. For a key the
+        # schema lacks, Hydra suggests `+key=...`, which the schema would refuse too: say what exists.
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        unknown = re.match(r"Could not override '([^']+)'", message)
+        if unknown:
+            key = unknown.group(1)
+            section, _, name = key.partition(".")
+            allowed = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section])) if section in SECTIONS else ""
+            message = f"unknown config key {key!r}" + (f"; the keys of {section!r} are: {allowed}" if allowed else "")
         raise ConfigError(f"{message} (config folder: {conf_dir})") from None
     finally:
         GlobalHydra.instance().clear()

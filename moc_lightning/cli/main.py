@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 
 from moc_lightning.cli.config import ConfigError
 
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if os.environ.get("MOC_DEBUG"):
             raise
-        message = textwrap.fill(f"moc {args.command}: error: {exc}", width=100, subsequent_indent="  ")
-        print(message + "\n  (set MOC_DEBUG=1 for the traceback)", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one paragraph, however the message was built
+        print(f"moc {args.command}: error: {message}\n(set MOC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 
