@@ -551,8 +551,6 @@ def test_c4_source_streams_train_and_caches_validation_blocks(shared_data, tmp_p
     """The 'c4' code path, offline: the Hub's allenai/c4 is replaced by the local C4 sample."""
     import datasets
 
-    from moc_lightning.data import sources
-
     asked = []
     real = datasets.load_dataset
 
@@ -560,7 +558,7 @@ def test_c4_source_streams_train_and_caches_validation_blocks(shared_data, tmp_p
         asked.append((name, config, split, streaming))
         return real("json", data_files=str(shared_data / C4), split="train", streaming=True)
 
-    monkeypatch.setattr(sources.datasets if hasattr(sources, "datasets") else datasets, "load_dataset", local_c4)
+    monkeypatch.setattr(datasets, "load_dataset", local_c4)  # sources imports it at call time
     cfg = DataConfig(source="c4", tokenizer=str(shared_data / "t5-tokenizer"), seq_len=64, batch_size=4,
                      max_documents=30, c4_val_blocks=5, cache_dir=str(tmp_path))
     dm = built(cfg)

@@ -163,10 +163,18 @@ class PackedData:
     path: Optional[Path] = None
 
 
+def _int32_list(length: int = -1):
+    """An int32 list feature (`datasets.List` since datasets 4, `Sequence` before)."""
+    import datasets
+
+    kind = getattr(datasets, "List", None) or datasets.Sequence
+    return kind(datasets.Value("int32"), length=length)
+
+
 def _features(seq_len: int):
     import datasets
 
-    return datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=seq_len)})
+    return datasets.Features({"input_ids": _int32_list(seq_len)})
 
 
 def empty_blocks(seq_len: int):
@@ -321,9 +329,7 @@ def build_packed(cfg: DataConfig, tokenizer: TextTokenizer) -> PackedData:
             batched=True,
             batch_size=TOKENIZE_BATCH,
             remove_columns=documents.column_names,
-            features=datasets.Features(
-                {"input_ids": datasets.List(datasets.Value("int32")), "is_val": datasets.Value("bool")}
-            ),
+            features=datasets.Features({"input_ids": _int32_list(), "is_val": datasets.Value("bool")}),
             num_proc=cfg.num_proc,
             new_fingerprint=f"{digest}-tokens",
             cache_file_name=str(work / "tokens.arrow"),

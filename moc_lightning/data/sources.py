@@ -166,8 +166,8 @@ def check_text_field(files: list, builder: str, text_field: str) -> None:
             )
 
 
-def _diagnose(files: list, builder: str, text_field: str, exc: BaseException) -> DataError:
-    """Turn a failure of `datasets` into a DataError that says which file and where."""
+def _file_problem(files: list, builder: str, text_field: str) -> Optional[DataError]:
+    """The first malformed JSON line or missing text field among files, as a DataError (or None)."""
     if builder == "json":
         for path in files:
             problem = find_bad_json(path)
@@ -177,6 +177,14 @@ def _diagnose(files: list, builder: str, text_field: str, exc: BaseException) ->
         check_text_field(files, builder, text_field)
     except DataError as err:
         return err
+    return None
+
+
+def _diagnose(files: list, builder: str, text_field: str, exc: BaseException) -> DataError:
+    """Turn a failure of `datasets` into a DataError that says which file and where."""
+    problem = _file_problem(files, builder, text_field)
+    if problem is not None:
+        return problem
     names = ", ".join(str(p) for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     return DataError(f"could not read {names}: {type(exc).__name__}: {exc}")
 
@@ -228,10 +236,9 @@ def stream_error(cfg: DataConfig, exc: BaseException) -> DataError:
     if cfg.source != "files":
         return DataError(f"reading the {cfg.source} documents failed: {type(exc).__name__}: {exc}")
     for builder, group in _groups(resolve_files(cfg.paths)):
-        column = TEXT if builder == "text" else cfg.text_field
-        err = _diagnose(group, builder, column, exc)
-        if not str(err).startswith("could not read"):
-            return err
+        problem = _file_problem(group, builder, TEXT if builder == "text" else cfg.text_field)
+        if problem is not None:
+            return problem
     return DataError(f"reading the files {cfg.paths} failed: {type(exc).__name__}: {exc}")
 
 
