@@ -18,6 +18,7 @@ be concatenated and packed.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-class TextTokenizer:
+class TextTokenizer(abc.ABC):
     """A tokenizer as the data pipeline sees it.
 
     encode_batch(texts) -> one list of ids per text, each ending with exactly one `eos_id`
@@ -63,8 +64,9 @@ class TextTokenizer:
         self.vocab_size = int(vocab_size)
         self.identity = f"{self.kind}:{_file_digest(self.path)}"
 
+    @abc.abstractmethod
     def _encode_plain(self, texts: list) -> list:
-        raise NotImplementedError
+        """Each backend (tokenizers, sentencepiece) defines this."""
 
     def encode_batch(self, texts: Sequence[str]) -> list:
         ids = self._encode_plain(list(texts))
@@ -74,8 +76,9 @@ class TextTokenizer:
     def encode(self, text: str) -> list:
         return self.encode_batch([text])[0]
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Each backend (tokenizers, sentencepiece) defines this."""
 
     def save(self, folder: Union[str, os.PathLike]) -> Path:
         folder = Path(folder)
@@ -85,8 +88,9 @@ class TextTokenizer:
             shutil.copyfile(self.path, target)
         return target
 
+    @abc.abstractmethod
     def _saved_name(self) -> str:
-        raise NotImplementedError
+        """Each backend (tokenizers, sentencepiece) defines this."""
 
     def __repr__(self) -> str:
         return (
