@@ -50,6 +50,18 @@ STREAM_BATCH = 256  # documents tokenised together when streaming
 # -- split ---------------------------------------------------------------------------------------
 
 
+def _cache_meta(cfg, digest, what, tokenizer) -> dict:
+    """What every packed cache records about where it came from (checked when it is reused)."""
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": digest,
+        "source": cfg.source,
+        "files": [s[0] for s in what.get("files", [])],
+        "tokenizer": tokenizer.name,
+        "tokenizer_identity": tokenizer.identity,
+    }
+
+
 def validation_score(text: str) -> float:
     """A number in [0, 1) fixed by the text alone (the first 8 bytes of its BLAKE2b digest)."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
@@ -338,12 +350,7 @@ def build_packed(cfg: DataConfig, tokenizer: TextTokenizer) -> PackedData:
         counts = _pack_tokens(tokens, cfg.seq_len, tmp, work)
         del tokens, documents
         meta = {
-            "format": FORMAT_VERSION,
-            "fingerprint": digest,
-            "source": cfg.source,
-            "files": [s[0] for s in what.get("files", [])],
-            "tokenizer": tokenizer.name,
-            "tokenizer_identity": tokenizer.identity,
+            **_cache_meta(cfg, digest, what, tokenizer),
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
             "seq_len": cfg.seq_len,
@@ -444,12 +451,7 @@ def build_stream_val(cfg: DataConfig, tokenizer: TextTokenizer) -> PackedData:
         _save_split(writer, tmp / "val")
         (tmp / "val.arrow").unlink(missing_ok=True)
         meta = {
-            "format": FORMAT_VERSION,
-            "fingerprint": digest,
-            "source": cfg.source,
-            "files": [s[0] for s in what.get("files", [])],
-            "tokenizer": tokenizer.name,
-            "tokenizer_identity": tokenizer.identity,
+            **_cache_meta(cfg, digest, what, tokenizer),
             "seq_len": cfg.seq_len,
             "val_blocks": writer.blocks,
             "val_tokens": writer.blocks * cfg.seq_len,
