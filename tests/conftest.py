@@ -8,6 +8,29 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def _import_triton_for_its_interpreter() -> None:
+    """Without a GPU the Triton kernels are tested in triton's CPU interpreter, which runs triton's
+    own library functions (tl.sum, tl.cumsum...) only if triton was first imported with
+    TRITON_INTERPRET=1: import it so here, before any module that imports it (moc_lightning.ffn
+    does), then restore the variable; the kernel tests turn the interpreter on for themselves."""
+    if torch.cuda.is_available():
+        return  # compiled kernels need triton's library as compiled functions
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_for_its_interpreter()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -76,7 +76,7 @@ def _with_tokenizer_vocab(job: JobConfig, vocab_size: int) -> JobConfig:
     return job
 
 
-def build_trainer(job: JobConfig, run_dir: Path, logger) -> tuple[pl.Trainer, list]:
+def build_trainer(job: JobConfig, run_dir: Path, logger, extra_callbacks: Sequence[pl.Callback] = ()) -> tuple[pl.Trainer, list]:
     t = job.trainer
     accelerator = _accelerator(job)
     precision = t.precision or ("bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true")
@@ -93,6 +93,7 @@ def build_trainer(job: JobConfig, run_dir: Path, logger) -> tuple[pl.Trainer, li
         LearningRateMonitor(logging_interval="step"),
         ModelSummary(max_depth=2),
         *monitors,
+        *extra_callbacks,  # e.g. a search's pruning callback
     ]
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -119,8 +120,20 @@ def build_trainer(job: JobConfig, run_dir: Path, logger) -> tuple[pl.Trainer, li
     return trainer, monitors
 
 
-def run_train(overrides: list[str], config_dir: Optional[str] = None, print_config: bool = True) -> dict:
-    """Run the main job; returns the final metrics. Raises ConfigError / DataError on bad input."""
+def run_train(
+    overrides: list[str],
+    config_dir: Optional[str] = None,
+    print_config: bool = True,
+    *,
+    callbacks: Sequence[pl.Callback] = (),
+    parent_run_id: Optional[str] = None,
+    tags: Optional[Mapping[str, str]] = None,
+) -> dict:
+    """Run the main job; returns the final metrics. Raises ConfigError / DataError on bad input.
+
+    Pipelines and the search run their children through here: `callbacks` join the trainer's,
+    `parent_run_id` nests the MLflow run under a parent, `tags` are added to the run's tags.
+    """
     job = build_job(compose(overrides, "train", config_dir))
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
 
@@ -137,15 +150,15 @@ def run_train(overrides: list[str], config_dir: Optional[str] = None, print_conf
     module = MoCLanguageModel(model=job.model.to_dict(), optim=dataclasses.asdict(job.optim), total_steps=job.trainer.max_steps)
     module.set_batch_shape(job.data.batch_size, job.data.seq_len)
     last = run_dir / "checkpoints" / "last.ckpt"
-    tags = {**standard_tags(job.ffn, job.model.name), "data": job.data_label}
+    tags = {**standard_tags(job.ffn, job.model.name), "data": job.data_label, **(tags or {})}
 
-    with tracked_run(job.tracking, run_dir, job.experiment, job.run_name, tags) as logger:
+    with tracked_run(job.tracking, run_dir, job.experiment, job.run_name, tags, parent_run_id=parent_run_id) as logger:
         if rank_zero_only.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_yaml)
             log_config(logger, config, config_yaml)
             log_text_artifact(logger, f"{summarize(module, max_depth=2)}\n\n{module.model}\n", "model_summary.txt")
-        trainer, monitors = build_trainer(job, run_dir, logger)
+        trainer, monitors = build_trainer(job, run_dir, logger, extra_callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         for monitor in monitors:

@@ -8,9 +8,12 @@ from typing import Optional
 
 KINDS = ("swiglu", "moc", "relu", "drelu", "backrazor")
 PLACEMENTS = ("pre_silu", "post_silu")
+# How MoC's FFN runs in training: `torch` (plain PyTorch, any device), `triton` (fused kernels,
+# moc_lightning.kernels.moc_train), `auto` (triton on CUDA when triton is importable, else torch).
+MOC_KERNELS = ("auto", "torch", "triton")
 # Top-K backends a config may name. `auto` picks the fastest one available where the FFN runs;
 # GPU backends register themselves in `moc_lightning.ffn.topk` when their kernels exist.
-TOPK_BACKENDS = ("auto", "torch")
+TOPK_BACKENDS = ("auto", "torch", "triton", "raft")
 
 
 def _refuse(field: str, value, allowed: str) -> ValueError:
@@ -45,7 +48,9 @@ class FFNConfig:
                 backward; False saves S and Z at the kept channels as well (Table 1's MoC column).
     checkpoint  gradient checkpointing of the whole FFN (the FFN+GCP / MoC+GCP baselines).
     backrazor_keep  fraction of each saved activation row BackRazor keeps (by magnitude).
-    topk_backend    auto | torch (GPU kernels plug in here).
+    topk_backend    auto | torch | triton | raft (moc_lightning.ffn.topk says where each runs).
+    moc_kernel  auto | torch | triton: MoC's training body (same results and saved tensors);
+                auto takes triton on CUDA when triton is importable, else torch.
     """
 
     kind: str = "swiglu"
@@ -58,6 +63,7 @@ class FFNConfig:
     checkpoint: bool = False
     backrazor_keep: float = 0.2
     topk_backend: str = "auto"
+    moc_kernel: str = "auto"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -70,6 +76,8 @@ class FFNConfig:
             raise _refuse("placement", self.placement, f"expected one of {', '.join(PLACEMENTS)}")
         if self.topk_backend not in TOPK_BACKENDS:
             raise _refuse("topk_backend", self.topk_backend, f"expected one of {', '.join(TOPK_BACKENDS)}")
+        if self.moc_kernel not in MOC_KERNELS:
+            raise _refuse("moc_kernel", self.moc_kernel, f"expected one of {', '.join(MOC_KERNELS)}")
         if self.group is not None:
             parse_group(self.group)
         if self.k is None:

@@ -1,8 +1,9 @@
 """Memory-honest autograd functions: MoC (equations 7a-7e, mask held constant) and BackRazor.
 
 Both take x as (rows, d_model) and the three nn.Linear weights (out_features x in_features), and
-save only compact tensors for backward. GPU kernels replace the bodies later behind the same
-signatures.
+save only compact tensors for backward. MoC has two bodies behind one signature: plain PyTorch
+(`torch`, any device) and fused Triton kernels around the dense GEMMs (`triton`,
+moc_lightning.kernels.moc_train); both save the same tensors.
 """
 
 from __future__ import annotations
@@ -12,8 +13,34 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moc_lightning.ffn.compact import compact_indices, densify, keep_largest_magnitude
+from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
 from moc_lightning.ffn.topk import select_channels
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    """The Triton kernel module, imported on first use: CPU runs never import triton."""
+    from moc_lightning.kernels import moc_train
+
+    return moc_train
+
+
+def resolve_moc_kernel(name: str, x: torch.Tensor) -> str:
+    """`auto` -> `triton` for CUDA tensors when triton is importable, else `torch`; an explicit
+    `triton` where it cannot run is refused with the reason."""
+    if name == "auto":
+        usable = x.device.type == "cuda" and x.dtype in TRITON_DTYPES and _kernels().TRITON_AVAILABLE
+        return "triton" if usable else "torch"
+    if name == "triton":
+        _kernels().require(x.device)
+        if x.dtype not in TRITON_DTYPES:
+            raise ValueError(f"moc_kernel='triton' takes {', '.join(map(str, TRITON_DTYPES))} inputs, not {x.dtype}: "
+                             "use moc_kernel='torch' (or 'auto')")
+        return name
+    if name == "torch":
+        return name
+    raise ValueError(f"moc_kernel = {name!r} is not one of auto, torch, triton")
 
 
 def _silu_and_grad(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,48 +55,106 @@ class MoCFunction(torch.autograd.Function):
 
     Saved: x, the kept channels' indices (int16 below 32768 channels), G and U there; with
     recompute=False also S and Z there (Table 1's MoC column). Backward rebuilds S and Z from
-    those and never differentiates through the selection.
+    those and never differentiates through the selection. `kernel` is a resolved moc_kernel
+    (`torch` or `triton`, see resolve_moc_kernel).
     """
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, k: int, group: Optional[tuple[int, int]], placement: str,
-                recompute: bool, backend: str):
-        d_ffn = w_gate.shape[0]
-        g = F.linear(x, w_gate)
-        u = F.linear(x, w_up)
-        idx = select_channels(g, k=k, group=group, placement=placement, backend=backend)
-        g_sel, u_sel = g.gather(1, idx), u.gather(1, idx)
-        del g, u
-        s_sel, _ = _silu_and_grad(g_sel)
-        z_sel = (s_sel * u_sel.float()).to(x.dtype)
-        out = F.linear(densify(idx, z_sel, d_ffn), w_down)
-        saved = [x, w_gate, w_up, w_down, compact_indices(idx, d_ffn), g_sel, u_sel]
-        if not recompute:
-            saved += [s_sel.to(x.dtype), z_sel]
+                recompute: bool, backend: str, kernel: str):
+        if kernel == "triton":
+            pack, ctx.slot_group = _triton_forward(x, w_gate, w_up, k, group, placement, not recompute, backend)
+            out = F.linear(pack.z_dense, w_down)
+            saved = [x, w_gate, w_up, w_down, pack.idx, pack.g_sel, pack.u_sel]
+            if not recompute:
+                saved += [pack.s_sel, pack.z_sel]
+        else:
+            out, saved = _torch_forward(x, w_gate, w_up, w_down, k, group, placement, recompute, backend)
         ctx.save_for_backward(*saved)
-        ctx.recompute = recompute
+        ctx.kernel = kernel
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_gate, w_up, w_down, idx, g_sel, u_sel, *stored = ctx.saved_tensors
-        d_ffn, dtype = w_gate.shape[0], grad_out.dtype
-        s_sel, dsilu = _silu_and_grad(g_sel)
-        if stored:  # recompute=False: S and Z come from memory instead
-            s_sel, z_sel = stored[0].float(), stored[1]
-        else:
-            z_sel = (s_sel * u_sel.float()).to(dtype)
-        # (7a) grad of W_down from the sparse Z', and grad of Z' at the kept channels only.
-        grad_w_down = grad_out.t() @ densify(idx, z_sel.to(dtype), d_ffn)
-        grad_z_sel = (grad_out @ w_down).gather(1, idx.long()).float()
-        # (7b), (7c): U' and S' gradients live on the kept channels.
-        grad_u = densify(idx, (s_sel * grad_z_sel).to(dtype), d_ffn)
-        grad_g = densify(idx, (u_sel.float() * grad_z_sel * dsilu).to(dtype), d_ffn)
-        # (7d), (7e)
-        grad_w_gate = grad_g.t() @ x
-        grad_w_up = grad_u.t() @ x
-        grad_x = grad_g @ w_gate + grad_u @ w_up if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None, None
+        backward = _triton_backward if ctx.kernel == "triton" else _torch_backward
+        grad_x, grad_w_gate, grad_w_up, grad_w_down = backward(ctx, grad_out)
+        return grad_x, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None, None, None
+
+
+def _torch_forward(x, w_gate, w_up, w_down, k, group, placement, recompute, backend):
+    d_ffn = w_gate.shape[0]
+    g = F.linear(x, w_gate)
+    u = F.linear(x, w_up)
+    idx = select_channels(g, k=k, group=group, placement=placement, backend=backend)
+    g_sel, u_sel = g.gather(1, idx), u.gather(1, idx)
+    del g, u
+    s_sel, _ = _silu_and_grad(g_sel)
+    z_sel = (s_sel * u_sel.float()).to(x.dtype)
+    out = F.linear(densify(idx, z_sel, d_ffn), w_down)
+    saved = [x, w_gate, w_up, w_down, compact_indices(idx, d_ffn), g_sel, u_sel]
+    if not recompute:
+        saved += [s_sel.to(x.dtype), z_sel]
+    return out, saved
+
+
+def _torch_backward(ctx, grad_out):
+    x, w_gate, w_up, w_down, idx, g_sel, u_sel, *stored = ctx.saved_tensors
+    d_ffn, dtype = w_gate.shape[0], grad_out.dtype
+    s_sel, dsilu = _silu_and_grad(g_sel)
+    if stored:  # recompute=False: S and Z come from memory instead
+        s_sel, z_sel = stored[0].float(), stored[1]
+    else:
+        z_sel = (s_sel * u_sel.float()).to(dtype)
+    # (7a) grad of W_down from the sparse Z', and grad of Z' at the kept channels only.
+    grad_w_down = grad_out.t() @ densify(idx, z_sel.to(dtype), d_ffn)
+    grad_z_sel = (grad_out @ w_down).gather(1, idx.long()).float()
+    # (7b), (7c): U' and S' gradients live on the kept channels.
+    grad_u = densify(idx, (s_sel * grad_z_sel).to(dtype), d_ffn)
+    grad_g = densify(idx, (u_sel.float() * grad_z_sel * dsilu).to(dtype), d_ffn)
+    # (7d), (7e)
+    grad_w_gate = grad_g.t() @ x
+    grad_w_up = grad_u.t() @ x
+    grad_x = grad_g @ w_gate + grad_u @ w_up if ctx.needs_input_grad[0] else None
+    return grad_x, grad_w_gate, grad_w_up, grad_w_down
+
+
+def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
+    """(the kernels' ForwardPack, the group whose slot order the compact tensors follow or None).
+
+    G and U come from one GEMM against [W_gate; W_up] (measured faster than two, concatenation
+    included). a:b groups with a power-of-two b are selected inside the kernel unless a Top-K
+    backend is named explicitly; the rest goes through select_channels and the gather kernel.
+    """
+    moc_train = _kernels()
+    d_ffn = w_gate.shape[0]
+    gate_up = F.linear(x, torch.cat((w_gate, w_up)))
+    g, u = gate_up[:, :d_ffn], gate_up[:, d_ffn:]
+    idx_dtype = index_dtype(d_ffn)
+    if group is not None and backend == "auto" and moc_train.group_fusable(group):
+        return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
+    idx = select_channels(g, k=k, group=group, placement=placement, backend=backend)
+    return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), None
+
+
+def _triton_backward(ctx, grad_out):
+    """One kernel writes [Z' | grad_G' | grad_U']; then one GEMM each for grad W_down,
+    [grad W_gate; grad W_up] and grad x (against [W_gate; W_up])."""
+    moc_train = _kernels()
+    x, w_gate, w_up, w_down, idx, g_sel, u_sel, *stored = ctx.saved_tensors
+    d_ffn = w_gate.shape[0]
+    grad_out = grad_out.contiguous()
+    grad_z = grad_out @ w_down
+    s_sel, z_sel = stored if stored else (None, None)
+    if ctx.slot_group is not None:
+        buf = moc_train.group_backward(grad_z, idx, g_sel, u_sel, ctx.slot_group, s_sel, z_sel)
+    else:
+        buf = moc_train.scatter_backward(grad_z, idx, g_sel, u_sel, s_sel, z_sel)
+    del grad_z
+    grad_w_down = grad_out.t() @ buf[:, :d_ffn]
+    grad_gate_up = buf[:, d_ffn:]
+    grad_w_gate_up = grad_gate_up.t() @ x
+    grad_x = grad_gate_up @ torch.cat((w_gate, w_up)) if ctx.needs_input_grad[0] else None
+    return grad_x, grad_w_gate_up[:d_ffn], grad_w_gate_up[d_ffn:], grad_w_down
 
 
 class BackRazorFunction(torch.autograd.Function):

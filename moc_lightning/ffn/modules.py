@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moc_lightning.ffn.config import FFNConfig
-from moc_lightning.ffn.functions import BackRazorFunction, MoCFunction
+from moc_lightning.ffn.decode import DecodeLayout, decode_applies, decode_forward
+from moc_lightning.ffn.functions import BackRazorFunction, MoCFunction, resolve_moc_kernel
 
 
 class GatedFFN(nn.Module):
@@ -62,11 +63,24 @@ class DReLUFFN(GatedFFN):
 
 
 class MoCFFN(GatedFFN):
+    decode_layout = None  # set by prepare_for_decode: the decode kernel's W_down^T and scratch
+
+    def prepare_for_decode(self, enable: bool = True) -> None:
+        """Switch small no-grad batches (1..8 tokens) to the Triton decode kernel; False switches back."""
+        self.decode_layout = DecodeLayout(self) if enable else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode_applies(self, x):
+            return decode_forward(self, x)
+        return super().forward(x)
+
     def ffn(self, x):
         cfg = self.cfg
         rows, weights = self._weights_for(x)
         with torch.autocast(x.device.type, enabled=False):
-            out = MoCFunction.apply(rows, *weights, cfg.k, cfg.group_ab, cfg.placement, cfg.recompute, cfg.topk_backend)
+            kernel = resolve_moc_kernel(cfg.moc_kernel, rows)
+            out = MoCFunction.apply(rows, *weights, cfg.k, cfg.group_ab, cfg.placement, cfg.recompute,
+                                    cfg.topk_backend, kernel)
         return out.reshape(*x.shape[:-1], cfg.d_model)
 
 

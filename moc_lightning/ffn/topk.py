@@ -14,12 +14,21 @@ import torch.nn.functional as F
 
 # name -> (runs_on(device) -> bool, row_topk(scores, k), group_topk(scores, a, b))
 _BACKENDS: dict[str, tuple[Callable, Callable, Callable]] = {}
+# name -> why_not(device) -> one line saying why the backend cannot run there (or None)
+_WHY_NOT: dict[str, Callable] = {}
+# name -> auto_on(device) -> whether `auto` may take it there (default: wherever it runs)
+_AUTO_ON: dict[str, Callable] = {}
 # `auto` tries these in order; faster backends are inserted in front when they register.
 _AUTO_ORDER: list[str] = []
 
 
-def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False):
+def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False,
+                     why_not: Optional[Callable] = None, auto_on: Optional[Callable] = None):
     _BACKENDS[name] = (runs_on, row_topk, group_topk)
+    if why_not is not None:
+        _WHY_NOT[name] = why_not
+    if auto_on is not None:
+        _AUTO_ON[name] = auto_on
     if name in _AUTO_ORDER:
         _AUTO_ORDER.remove(name)
     _AUTO_ORDER.insert(0 if prefer else len(_AUTO_ORDER), name)
@@ -28,13 +37,15 @@ def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_top
 def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         for candidate in _AUTO_ORDER:
-            if _BACKENDS[candidate][0](device):
+            if _BACKENDS[candidate][0](device) and _AUTO_ON.get(candidate, _BACKENDS[candidate][0])(device):
                 return candidate
         raise RuntimeError(f"no Top-K backend runs on {device}")
     if name not in _BACKENDS:
         raise ValueError(f"topk_backend = {name!r} is not available here: choose one of auto, {', '.join(_BACKENDS)}")
     if not _BACKENDS[name][0](device):
-        raise ValueError(f"topk_backend = {name!r} does not run on {device}: use 'auto' or 'torch'")
+        why = _WHY_NOT[name](device) if name in _WHY_NOT else None
+        raise ValueError(f"topk_backend = {name!r} does not run on {device}: {why or 'no reason given'}; "
+                         "use 'auto' or 'torch' instead")
     return name
 
 
@@ -81,3 +92,15 @@ def _torch_group_topk(scores: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 
 register_backend("torch", lambda device: True, _torch_row_topk, _torch_group_topk)
+
+
+# GPU backends (their modules import without triton, a GPU or RAFT; `runs_on` says where they run).
+# triton goes first for `auto`; raft comes after torch, so `auto` never waits on its build or
+# fails for its absence: it is used only when named.
+from moc_lightning.kernels import raft_select_k, topk_triton  # noqa: E402
+
+# `auto` takes triton on CUDA only: on CPU it runs in triton's interpreter, for tests that name it.
+register_backend("triton", topk_triton.runs_on, topk_triton.row_topk, topk_triton.group_topk, prefer=True,
+                 why_not=topk_triton.unavailable_reason, auto_on=lambda device: torch.device(device).type == "cuda")
+register_backend("raft", raft_select_k.runs_on, raft_select_k.row_topk, raft_select_k.group_topk,
+                 why_not=raft_select_k.unavailable_reason)

@@ -14,6 +14,7 @@ from torch import nn
 
 from moc_lightning.ffn import build_ffn
 from moc_lightning.models.config import ModelConfig
+from moc_lightning.models.kv_cache import KVCache
 
 
 class CausalLMOutput(NamedTuple):
@@ -31,11 +32,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by the angles of its positions; cos/sin are (seq, head_dim).
+    """Rotate x (batch, seq, heads, head_dim) by the angles of its positions; cos/sin are
+    (seq, head_dim), shared by the batch, or (batch, seq, head_dim), one row of positions each.
 
     Done in float32 and cast back: in bf16 the angles of late positions lose too many bits.
     """
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     x32 = x.float()
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
@@ -71,6 +73,12 @@ class RotaryTables(nn.Module):
             self._build(max(seq_len, self.cos.shape[0]), device)
         return self.cos[:seq_len], self.sin[:seq_len]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at given positions (batch, seq) -> (batch, seq, head_dim). The tables must
+        already cover them (call the module with the longest length first): no rebuild happens
+        here, so a CUDA graph can capture it."""
+        return self.cos[positions], self.sin[positions]
+
 
 # --- the decoder -----------------------------------------------------------------------------------
 
@@ -94,12 +102,18 @@ class Attention(nn.Module):
                                    "install flash-attn or use attention='sdpa'") from exc
             self.flash_attn_func = flash_attn_func
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional["CacheStep"] = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
-        if self.flash_attn_func is not None:
+        if cache is not None:
+            # Decoding: attend over the whole static cache, masked to this row's earlier real tokens.
+            keys, values = cache.kv.write(cache.layer, cache.slots, k, v)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                                 attn_mask=cache.mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = out.transpose(1, 2)
+        elif self.flash_attn_func is not None:
             # flash_attn takes (batch, seq, heads, dim) and handles fewer k/v heads itself.
             out = self.flash_attn_func(q, k, v, causal=True)
         else:
@@ -121,9 +135,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = build_ffn(cfg.ffn_config(layer))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional["CacheStep"] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CacheStep(NamedTuple):
+    """What one layer needs to read and extend the KV cache during a decoding step."""
+
+    kv: KVCache
+    layer: int
+    slots: torch.Tensor  # (new tokens,) cache columns being written
+    mask: torch.Tensor  # (batch, 1, new tokens, max_len) bool attention mask
 
 
 class MoCTransformer(nn.Module):
@@ -165,6 +188,39 @@ class MoCTransformer(nn.Module):
             # Shift here, as HF does, so labels can simply be input_ids; float32 for a stable softmax.
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(logits, loss)
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty static KV cache on the model's device and in its dtype; grows the RoPE tables
+        to max_len now, so that later steps never rebuild them."""
+        weight = self.embed_tokens.weight
+        self.rotary(max_len, weight.device)
+        return KVCache(self.cfg, batch, max_len, device=weight.device, dtype=weight.dtype)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, slots: torch.Tensor,
+                       real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (batch, new, vocab) of new tokens input_ids (batch, new) written at cache columns
+        `slots` (new,), with RoPE positions `positions` (batch, new); `real` (batch, new) marks
+        the tokens that are not padding (default: all). Earlier slots are read from the cache."""
+        if real is None:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        mask = cache.mark(slots, real)
+        cos, sin = self.rotary.at(positions)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, CacheStep(cache, i, slots, mask))
+        return self.lm_head(self.norm(x))
+
+    def prepare_for_decode(self, enable: bool = True) -> int:
+        """Switch every MoC FFN to its decode kernel for small no-grad batches (see
+        moc_lightning.ffn.decode); False switches back. Returns how many FFNs were switched."""
+        switched = 0
+        for layer in self.layers:
+            if hasattr(layer.mlp, "prepare_for_decode"):
+                layer.mlp.prepare_for_decode(enable)
+                switched += 1
+        return switched
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied lm_head counts once); without the token embedding if asked."""

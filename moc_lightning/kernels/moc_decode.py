@@ -1,0 +1,498 @@
+"""Triton decode kernels for the MoC FFN: 1 to 8 tokens per step, only the kept channels' up and
+down weights read from memory.
+
+    out[t] = sum over kept channels c of  SiLU(G[t, c]) * (x[t] . W_up[c]) * W_down^T[c]
+
+Weights are channel-major: W_gate and W_up as nn.Linear holds them, (d_ffn, d) rows, and the
+down projection transposed once, W_down^T (d_ffn, d), so a kept channel's down row is contiguous.
+
+Row Top-K (k per token), two or three launches:
+  1. `_gate_kernel`: G = x W_gate^T split over the channel blocks of many programs (all SMs), G
+     written as float32 (tokens x d_ffn, a few KB). With one token the last program to finish
+     (an atomic ticket) also runs the Top-K select; with more, step 2 does, one program a token.
+  2. `_select_kernel` (tokens > 1): a radix select per token finds the k-th largest rank key T and,
+     where keys tie at T, the index up to which tied channels are kept, so exactly k are kept.
+  3. `_updown_kernel`: each program takes a block of channels, keeps those any token selected (the
+     union: each needed row is read once per step), computes z = SiLU(G) * (x . W_up[c]) for the
+     tokens that selected c and adds z * W_down^T[c] into a float32 accumulator with atomics. The
+     last program to finish (atomic ticket) casts the accumulator into the output and zeroes it,
+     so the scratch buffers are clean for the next call and no extra launch is needed.
+Grouped a:b Top-K needs no global select: `_updown_kernel` computes its block's G itself (blocks
+are whole groups) and ranks channels inside each group, so MoC_a:b is a single launch.
+
+Ranking follows `moc_lightning.ffn.topk`: pre_silu ranks by G, post_silu by |SiLU(G)|, with G first
+rounded to the model's dtype (as the plain path ranks bf16 G). With 16-bit dtypes and pre_silu the
+rank keys are the 16-bit patterns of G, otherwise 32-bit; ties at the threshold go to the lowest
+channel index. Scratch buffers (`DecodeScratch`) are allocated once and reused, so a decode step
+can be captured in a CUDA graph; they serve one stream at a time.
+
+The module imports without triton; kernels are JIT-decorated on first use, in the mode in force
+then (compiled, or TRITON_INTERPRET=1 for CPU tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the package still imports; `runs_on` answers False everywhere
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# Tokens per step the kernels take (a decode batch); more rows go to the plain path.
+MAX_ROWS = 8
+# A token's whole G row is held by one program in the select: d_ffn up to this many channels.
+MAX_SELECT_WIDTH = 32768
+_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def runs_on(device: torch.device) -> bool:
+    """CUDA with triton, or CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    if not HAS_TRITON:
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+# --- device functions --------------------------------------------------------------------------
+
+
+def _rank_score(g, ROUND: tl.constexpr, POST_SILU: tl.constexpr):
+    """What channels are ranked by, in float32: G rounded to the model's dtype, or |SiLU| of it."""
+    if ROUND == 1:
+        g = g.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        g = g.to(tl.float16).to(tl.float32)
+    if POST_SILU:
+        g = tl.abs(g * tl.sigmoid(g))
+    return g
+
+
+def _rank_key(score, ROUND: tl.constexpr, KEY16: tl.constexpr):
+    """An integer key >= 0 ordered like the score: IEEE sign-magnitude bits with the magnitude of
+    negatives flipped and the sign bit moved up. 16-bit keys for 16-bit scores, else 32-bit (in
+    int64, to stay non-negative)."""
+    if KEY16:
+        if ROUND == 1:
+            bits = score.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        else:
+            bits = score.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768
+    else:
+        wide = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (wide ^ ((wide >> 31) & 0x7FFFFFFF)) + 2147483648
+    return key
+
+
+def _select_row(g_row_ptr, hist_row_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
+                POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Threshold of one token's Top-K: the k-th largest key T (stored at thr_ptr), and the channel
+    index up to which channels whose key equals T are kept (cut_ptr), so that exactly K are kept.
+
+    T's top byte comes from the histogram of key top bytes the gate kernel's programs built with
+    atomics (zeroed here for the next call); only the lower bits are searched, a CTA-wide count
+    per RADIX_BITS round."""
+    offs = tl.arange(0, N_PAD)
+    ok = offs < F
+    # .cg: other programs wrote G in this launch; read it from L2, never from a stale L1 line.
+    g = tl.load(g_row_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+    KEY_BITS: tl.constexpr = 16 if KEY16 else 32
+    bins = tl.arange(0, 256)
+    hist = tl.load(hist_row_ptr + bins, cache_modifier=".cg")
+    tl.debug_barrier()  # every thread has read the histogram before it is cleared
+    tl.store(hist_row_ptr + bins, tl.zeros_like(hist))
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
+    top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
+    # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
+    thr = (tl.min(key, axis=0) * 0 + top) << (KEY_BITS - 8)  # the key's type (int64 keys: no overflow)
+    for i in tl.static_range((KEY_BITS - 8) // RADIX_BITS):
+        shift = KEY_BITS - 8 - RADIX_BITS * (i + 1)
+        best = thr * 0
+        for digit in tl.static_range(1, 1 << RADIX_BITS):
+            cand = thr | ((thr * 0 + digit) << shift)
+            count = tl.sum((ok & (key >= cand)).to(tl.int32), axis=0)
+            best = tl.where(count >= K, digit, best)
+        thr = thr | (best << shift)
+    above = ok & (key > thr)
+    tied = ok & (key == thr)
+    need = K - tl.sum(above.to(tl.int32), axis=0)
+    cut = F
+    if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
+        rank = tl.cumsum(tied.to(tl.int32), axis=0)
+        cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
+    tl.store(thr_ptr, thr.to(tl.int64))
+    tl.store(cut_ptr, cut)
+
+
+def _x_dot_tile(xv, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """(T, R) float32 = xv (T, BLOCK_D) . w (R, BLOCK_D)^T."""
+    if USE_DOT:  # tensor cores; T is padded to 16 tokens
+        if IEEE:
+            out = tl.dot(xv, tl.trans(w), input_precision="ieee")
+        else:
+            out = tl.dot(xv, tl.trans(w))
+    elif T == 1:
+        out = tl.sum(w.to(tl.float32) * xv.to(tl.float32), axis=1)[None, :]
+    else:
+        out = tl.sum(xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return out
+
+
+def _z_dot_tile(z, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """(T, BLOCK_D) float32 = z (T, R) . w (R, BLOCK_D)."""
+    if USE_DOT:
+        if IEEE:
+            out = tl.dot(z.to(w.dtype), w, input_precision="ieee")
+        else:
+            out = tl.dot(z.to(w.dtype), w)
+    elif T == 1:
+        out = tl.sum(tl.sum(z, axis=0)[:, None] * w.to(tl.float32), axis=0)[None, :]
+    else:
+        out = tl.sum(z[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return out
+
+
+def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, D, T: tl.constexpr, R: tl.constexpr,
+                  BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R). Rows masked off are never read."""
+    acc = tl.zeros((T, R), dtype=tl.float32)
+    row_base = rows.to(tl.int64) * D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
+    return acc
+
+
+# The atomic adds into the accumulator and the histogram are acq_rel: the last program reads them
+# after taking its ticket, so each add must be visible GPU-wide before its program's ticket. With
+# "relaxed" adds (only a barrier before the acq_rel ticket) one H100 run got a wrong sum in 1 of 40
+# bf16 calls; acq_rel passed every check (.bench-raw/decode-1.jsonl).
+
+
+def _add_down_rows(z, wdt_ptr, acc_ptr, rows, row_ok, tok, tok_ok, D, T: tl.constexpr,
+                   BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc[tok[t]] += sum_r z[t, r] * wdt[rows[r]] (atomic float32 adds; z is (T, R))."""
+    row_base = rows.to(tl.int64) * D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        w = tl.load(wdt_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        tl.atomic_add(acc_ptr + tok[:, None] * D + cols[None, :], _z_dot_tile(z, w, T, USE_DOT, IEEE),
+                      mask=tok_ok[:, None] & col_ok[None, :], sem="acq_rel")
+
+
+def _updown_rows(x_ptr, wu_ptr, wdt_ptr, acc_ptr, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
+                 R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, USE_DOT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """acc += (SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows], for R rows (g, sel: (T, R))."""
+    if SINGLE:  # the whole width in one tile: both rows requested before any math (one round trip)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        row_base = rows.to(tl.int64) * D
+        mask = row_ok[:, None] & col_ok[None, :]
+        wu = tl.load(wu_ptr + row_base[:, None] + cols[None, :], mask=mask, other=0.0)
+        wd = tl.load(wdt_ptr + row_base[:, None] + cols[None, :], mask=mask, other=0.0)
+        xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+        z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
+        tl.atomic_add(acc_ptr + tok[:, None] * D + cols[None, :], _z_dot_tile(z, wd, T, USE_DOT, IEEE),
+                      mask=tok_ok[:, None] & col_ok[None, :], sem="acq_rel")
+    else:
+        u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, D, T, R, BLOCK_D, USE_DOT, IEEE)
+        z = tl.where(sel, g * tl.sigmoid(g) * u, 0.0)
+        _add_down_rows(z, wdt_ptr, acc_ptr, rows, row_ok, tok, tok_ok, D, T, BLOCK_D, USE_DOT, IEEE)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, counter_ptr, D, F, K, B,
+                 T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, FUSE_SELECT: tl.constexpr,
+                 N_PAD: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr,
+                 RADIX_BITS: tl.constexpr):
+    """G for BLOCK_C channels and all tokens; with FUSE_SELECT (one token) the last program to
+    finish also selects that token's Top-K threshold."""
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < F
+    tok = tl.arange(0, T)
+    tok_ok = tok < B
+    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE)
+    valid = tok_ok[:, None] & ch_ok[None, :]
+    tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
+    # The select's first step, spread over all programs: a histogram of the keys' top bytes.
+    KEY_BITS: tl.constexpr = 16 if KEY16 else 32
+    top = (_rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16) >> (KEY_BITS - 8)).to(tl.int32)
+    tl.atomic_add(hist_ptr + tok[:, None] * 256 + top, 1, mask=valid, sem="acq_rel")
+    if FUSE_SELECT:
+        tl.debug_barrier()  # every thread's G and counts are out before the ticket (a release) is taken
+        ticket = tl.atomic_add(counter_ptr, 1)
+        if ticket == tl.num_programs(0) - 1:
+            _select_row(g_ptr, hist_ptr, thr_ptr, cut_ptr, F, K, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+            tl.store(counter_ptr, 0)
+
+
+def _select_kernel(g_ptr, hist_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
+                   POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
+    t = tl.program_id(0)
+    _select_row(g_ptr + t * F, hist_ptr + t * 256, thr_ptr + t, cut_ptr + t, F, K, N_PAD, ROUND, POST_SILU, KEY16,
+                RADIX_BITS)
+
+
+def _updown_kernel(x_ptr, wg_ptr, g_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, acc_ptr, out_ptr, counter_ptr,
+                   D, F, GROUP_A, GROUP_B, B,
+                   T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FINAL_D: tl.constexpr,
+                   R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
+                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
+                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr):
+    """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), acc += z * W_down^T[c]; the
+    last program casts acc into out and zeroes acc (and the ticket) for the next call."""
+    lane = tl.arange(0, BLOCK_C)
+    tok = tl.arange(0, T)
+    tok_ok = tok < B
+    if GROUPED:
+        # Whole groups per block: lane i is member i % GROUP_P2 of group i // GROUP_P2.
+        member = lane % GROUP_P2
+        ch = (tl.program_id(0) * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
+        ch_ok = (member < GROUP_B) & (ch < F)
+        g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
+        score = _rank_score(g, ROUND, POST_SILU)
+        # rank of lane i in its group = #members j that outrank it (ties: lower channel first)
+        same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
+        s_i = score[:, :, None]
+        s_j = score[:, None, :]
+        beats = same[None, :, :] & ((s_j > s_i) | ((s_j == s_i) & (lane[None, None, :] < lane[None, :, None])))
+        rank = tl.sum(beats.to(tl.int32), axis=2)
+        sel = (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
+    else:
+        ch = tl.program_id(0) * BLOCK_C + lane
+        ch_ok = ch < F
+        g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
+        key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+        thr = tl.load(thr_ptr + tok, mask=tok_ok, other=0)
+        cut = tl.load(cut_ptr + tok, mask=tok_ok, other=0)
+        sel = (key > thr[:, None]) | ((key == thr[:, None]) & (ch[None, :] <= cut[:, None]))
+        sel = sel & ch_ok[None, :] & tok_ok[:, None]
+    needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
+    n_needed = tl.sum(needed.to(tl.int32), axis=0)
+    # Compact the needed rows into slots of R, so every load the program issues is a kept row
+    # (masked-off rows would leave the memory system idle while the tile is computed).
+    place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
+    for first in range(0, n_needed, R):
+        want = first + tl.arange(0, R)
+        match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
+        rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
+        g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
+        sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
+        _updown_rows(x_ptr, wu_ptr, wdt_ptr, acc_ptr, rows, want < n_needed, g_r, sel_r, tok, tok_ok, D, T, R,
+                     BLOCK_D, SINGLE, USE_DOT, IEEE)
+    tl.debug_barrier()  # every thread's atomics are issued before the ticket (a release) is taken
+    ticket = tl.atomic_add(counter_ptr, 1)
+    if ticket == tl.num_programs(0) - 1:
+        for d0 in range(0, D, FINAL_D):  # wide chunks: this tail is latency, not bandwidth
+            cols = d0 + tl.arange(0, FINAL_D)
+            at = tok[:, None] * D + cols[None, :]
+            ok = tok_ok[:, None] & (cols < D)[None, :]
+            total = tl.load(acc_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(acc_ptr + at, tl.zeros_like(total), mask=ok)
+        tl.store(counter_ptr, 0)
+
+
+# Device functions the kernels call; compiled kernels resolve them by name in this module, so they
+# are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_rank_score, _rank_key, _select_row, _x_dot_tile, _z_dot_tile,
+                                                 _rows_times_x, _add_down_rows, _updown_rows)}
+_JIT_CACHE: dict[tuple[str, bool], object] = {}
+_bound_mode: Optional[bool] = None
+
+
+def _kernel(fn):
+    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating)."""
+    global _bound_mode
+    mode = interpreting()
+    if _bound_mode != mode:
+        globals().update({name: triton.jit(f) for name, f in _DEVICE_FUNCTIONS.items()})
+        _bound_mode = mode
+    if (fn.__name__, mode) not in _JIT_CACHE:
+        _JIT_CACHE[fn.__name__, mode] = triton.jit(fn)
+    return _JIT_CACHE[fn.__name__, mode]
+
+
+# --- host side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchConfig:
+    """Block sizes and warps of the three kernels; `launch_config` picks them per batch size."""
+
+    gate_block_c: int = 16
+    gate_block_d: int = 512
+    gate_warps: int = 4
+    updown_block_c: int = 32
+    updown_block_d: int = 256
+    updown_warps: int = 4
+    updown_rows: int = 8  # kept rows a program loads at once (16 at least with use_dot)
+    select_warps: int = 8
+    radix_bits: int = 1
+    use_dot: bool = False
+    # One token: the gate kernel's last program runs the select (one launch less, but the select's
+    # registers then bound the whole gate kernel's occupancy); False launches `_select_kernel`.
+    fuse_select: bool = False
+
+
+# Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
+# the updown fields). The benchmark (`moc_lightning.bench.decode --sweep`) measures alternatives.
+LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
+    1: LaunchConfig(updown_block_d=2048, updown_warps=8, updown_rows=4),
+    2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
+    4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
+    8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
+}
+GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
+    1: LaunchConfig(updown_block_c=64, updown_block_d=2048, updown_warps=8, updown_rows=16),
+    2: LaunchConfig(updown_block_d=128, use_dot=True),
+    4: LaunchConfig(updown_block_d=128, use_dot=True),
+    8: LaunchConfig(updown_block_d=128, use_dot=True),
+}
+
+
+def launch_config(rows: int, grouped: bool = False) -> LaunchConfig:
+    table = GROUPED_LAUNCH_CONFIGS if grouped else LAUNCH_CONFIGS
+    return table[min(b for b in table if b >= rows)]
+
+
+class DecodeScratch:
+    """Buffers a decode step reuses: G, the histogram of its key top bytes, the per-token thresholds,
+    the float32 accumulator and the two atomic tickets. The kernels leave the histogram, the
+    accumulator and the tickets zeroed when they end."""
+
+    def __init__(self, d_model: int, d_ffn: int, device: torch.device, max_rows: int = MAX_ROWS):
+        self.d_model, self.d_ffn, self.max_rows = d_model, d_ffn, max_rows
+        self.g = torch.empty(max_rows, d_ffn, dtype=torch.float32, device=device)
+        self.hist = torch.zeros(max_rows, 256, dtype=torch.int32, device=device)
+        self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.acc = torch.zeros(max_rows, d_model, dtype=torch.float32, device=device)
+        self.tickets = torch.zeros(2, dtype=torch.int32, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.g.device
+
+
+def _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch):
+    if not HAS_TRITON:
+        raise RuntimeError("the MoC decode kernel needs triton, which is not installed (pip install triton)")
+    if not runs_on(x.device):
+        raise RuntimeError(f"the MoC decode kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {x.device}")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= scratch.max_rows:
+        raise ValueError(f"x must be (rows, d_model) with 1 <= rows <= {scratch.max_rows}, got {tuple(x.shape)}")
+    d_ffn, d_model = w_gate.shape
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        if tuple(w.shape) != (d_ffn, d_model):
+            raise ValueError(f"{name} must be (d_ffn, d_model) = ({d_ffn}, {d_model}), got {tuple(w.shape)}")
+        if w.dtype != x.dtype or w.device != x.device or not w.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, {x.dtype} on {x.device}, like x")
+    if x.shape[1] != d_model:
+        raise ValueError(f"x has {x.shape[1]} features, the weights {d_model}")
+    if x.dtype not in _ROUNDING:
+        raise ValueError(f"the MoC decode kernel takes float32, bfloat16 or float16, got {x.dtype}")
+    if (scratch.d_model, scratch.d_ffn) != (d_model, d_ffn) or scratch.device != x.device:
+        raise ValueError("the scratch buffers were made for another shape or device")
+    if placement not in ("pre_silu", "post_silu"):
+        raise ValueError(f"placement must be pre_silu or post_silu, got {placement!r}")
+    if group is None:
+        if not 1 <= k <= d_ffn:
+            raise ValueError(f"k = {k} must be in [1, d_ffn = {d_ffn}]")
+        if d_ffn > MAX_SELECT_WIDTH:
+            raise ValueError(f"d_ffn = {d_ffn} is wider than the select kernel takes ({MAX_SELECT_WIDTH})")
+    elif not 1 <= group[0] <= group[1]:
+        raise ValueError(f"group a:b = {group[0]}:{group[1]} needs 1 <= a <= b")
+
+
+def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, *,
+                  k: int, group: Optional[tuple[int, int]] = None, placement: str = "pre_silu",
+                  scratch: DecodeScratch, config: Optional[LaunchConfig] = None,
+                  fuse_select: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
+    """The output tensor and the launches that fill it, by name, in order: 'gate' (G; with one
+    token also the fused select), 'select' (row Top-K of several tokens, or of one token when the
+    select is not fused), 'updown' (a:b groups: everything). Running them in order is `moc_decode`;
+    the benchmark times them one by one. fuse_select overrides the config's choice."""
+    _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch)
+    x = x.contiguous()
+    rows, d_model = x.shape
+    d_ffn = w_gate.shape[0]
+    cfg = config or launch_config(rows, grouped=group is not None)
+    tokens = 16 if cfg.use_dot else triton.next_power_of_2(rows)
+    rounding = _ROUNDING[x.dtype]
+    post_silu = placement == "post_silu"
+    common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
+    slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
+    rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
+    s = scratch
+    out = torch.empty_like(x)
+    stages: dict[str, Callable[[], None]] = {}
+    if group is None:
+        n_pad = triton.next_power_of_2(d_ffn)
+        fuse = rows == 1 and (cfg.fuse_select if fuse_select is None else fuse_select)
+        gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
+        stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
+            x, w_gate, s.g, s.hist, s.thr, s.cut, s.tickets[0:], d_model, d_ffn, k, rows,
+            BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d, FUSE_SELECT=fuse, N_PAD=n_pad,
+            RADIX_BITS=cfg.radix_bits, num_warps=cfg.gate_warps, **common, **rank)
+        if not fuse:
+            stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
+                s.g, s.hist, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.select_warps,
+                **rank)
+        block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
+        grid = triton.cdiv(d_ffn, block_c)
+    else:
+        group_a, group_b = group
+        group_p2 = triton.next_power_of_2(group_b)
+        block_c = max(cfg.updown_block_c, group_p2)
+        grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
+    stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
+        x, w_gate, s.g, s.thr, s.cut, w_up, w_down_t, s.acc, out, s.tickets[1:], d_model, d_ffn, group_a, group_b, rows,
+        BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
+        R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d,
+        FINAL_D=min(triton.next_power_of_2(d_model), max(cfg.updown_block_d, 16 * 128 * cfg.updown_warps // tokens)),
+        num_warps=cfg.updown_warps, **common, **rank)
+    return out, stages
+
+
+def moc_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, *,
+               k: int, group: Optional[tuple[int, int]] = None, placement: str = "pre_silu",
+               scratch: DecodeScratch, config: Optional[LaunchConfig] = None) -> torch.Tensor:
+    """The MoC FFN of 1..8 tokens, x (rows, d_model) -> (rows, d_model) in x's dtype.
+
+    w_gate, w_up: (d_ffn, d_model) as nn.Linear holds them; w_down_t: down_proj.weight transposed,
+    contiguous (d_ffn, d_model). k is ignored when group = (a, b) is given.
+    """
+    out, stages = decode_stages(x, w_gate, w_up, w_down_t, k=k, group=group, placement=placement,
+                                scratch=scratch, config=config)
+    for launch in stages.values():
+        launch()
+    return out
+
+
+def moc_decode_bytes(d_model: int, d_ffn: int, kept_rows: int, rows: int, itemsize: int) -> int:
+    """Bytes a decode step must move at least: all of W_gate, the kept rows of W_up and W_down^T,
+    x in and out (the HBM floor's numerator)."""
+    return itemsize * (d_ffn * d_model + 2 * kept_rows * d_model + 2 * rows * d_model)

@@ -1,0 +1,331 @@
+"""Triton Top-K for MoC: the indices of the K largest scores of each row, or of each a:b group.
+
+Row Top-K is a radix threshold select: every segment (a row, or one a:b group) is loaded once
+into registers as float32 values; a bitwise binary search over the order-preserving integer
+keys of the values finds the K-th largest, T, each step counting the values >= the candidate
+(float compares and adds, the cheapest instructions, and one warp per row so the counts need no
+barrier); one prefix scan then places the values above T and the first (K - #above) equal to
+T, so exactly K distinct indices come out whatever the ties. Small groups (a <= 8) use a
+cheaper kernel instead: a rounds of argmax per group, each round knocking out the winner.
+
+Outputs are int64 (rows x kept), the layout of `moc_lightning.ffn.topk`'s torch backend: group
+g's picks sit at columns [g*a, g*a + min(a, r_g)), the ragged last group's at the end.
+
+The module imports without triton; the kernels are JIT-decorated on first use, in the mode
+(compiled or TRITON_INTERPRET=1) in force then, so CPU tests can run them in the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ValueError:  # sys.modules["triton"] is None: imports of it are blocked
+        return False
+
+
+# triton itself is imported on first use, not here: whether its own library functions run in the
+# interpreter is fixed when it is imported, and importing this module (every `moc_lightning.ffn`
+# import does) must not fix that for a test session that sets TRITON_INTERPRET=1 later.
+HAS_TRITON = _triton_installed()
+triton = None
+tl = None
+
+# A whole segment lives in one program's registers, and the scan packs two counts of up to
+# BLOCK into one int32 (16 bits each): wider rows go to torch.topk (see `row_topk`).
+MAX_BLOCK = 32768
+# Groups with at most this many picks use the argmax-rounds kernel; more use the radix select.
+MAX_ARGMAX_ROUNDS = 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None where these kernels run on `device` (CUDA with triton, or CPU tensors under
+    TRITON_INTERPRET=1, as the tests do), else one line saying why not."""
+    device = torch.device(device)
+    if not HAS_TRITON:
+        return "triton is not installed (pip install triton; CUDA builds of PyTorch bring it)"
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"the triton Top-K kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def runs_on(device: torch.device) -> bool:
+    return unavailable_reason(device) is None
+
+
+def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
+                  in_row_stride, in_col0, seg_in_stride, out_row_stride, out_col0, seg_out_stride,
+                  FMT: tl.constexpr, SEGS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                  HAS_B: tl.constexpr, INT_COUNT: tl.constexpr):
+    """SEGS segments per program; segment s is row s // segs_per_row, piece s % segs_per_row.
+
+    A segment lives in registers as float32 values in two pieces, BLOCK_A then (if HAS_B)
+    BLOCK_B channels, so a width like 2736 pads to 2048 + 1024 rather than 4096. FMT: 0 bf16,
+    1 fp16, 2 fp32 (the raw bits come in as integers).
+    """
+    seg = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    row = (seg // segs_per_row).to(tl.int64)
+    piece = seg % segs_per_row
+    first_col = in_col0 + piece * seg_in_stride
+    seg_base = row * in_row_stride + first_col
+    seg_ok = seg < n_segments
+    # Values as float32 (exact for every input type). NaN scores rank lowest, as -inf; padding
+    # is NaN, which every comparison below rejects, so it is never counted nor kept.
+    cols_a = tl.arange(0, BLOCK_A)
+    valid_a = seg_ok[:, None] & (cols_a < seg_width)[None, :]
+    bits_a = tl.load(bits_ptr + seg_base[:, None] + cols_a[None, :], mask=valid_a, other=0)
+    if FMT == 0:
+        x_a = (bits_a.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    elif FMT == 1:
+        x_a = bits_a.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x_a = bits_a.to(tl.float32, bitcast=True)
+    x_a = tl.where(valid_a, tl.where(x_a != x_a, float("-inf"), x_a), float("nan"))
+    if HAS_B:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        valid_b = seg_ok[:, None] & (cols_b < seg_width)[None, :]
+        bits_b = tl.load(bits_ptr + seg_base[:, None] + cols_b[None, :], mask=valid_b, other=0)
+        if FMT == 0:
+            x_b = (bits_b.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        elif FMT == 1:
+            x_b = bits_b.to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            x_b = bits_b.to(tl.float32, bitcast=True)
+        x_b = tl.where(valid_b, tl.where(x_b != x_b, float("-inf"), x_b), float("nan"))
+
+    # T = the largest order-preserving key t with #(x >= value(t)) >= k, built from the top bit
+    # down. Keys are the IEEE bits with negatives' magnitude flipped and the sign moved, so key
+    # order is value order; keys below -inf's (negative NaNs) stand for -inf. A loop, not
+    # unrolled: the body is already long, and compiling 16 copies of it takes minutes.
+    if FMT == 2:
+        thr = (seg * 0).to(tl.int64)
+        NBITS: tl.constexpr = 32
+        NEG_INF_KEY: tl.constexpr = 0x007FFFFF
+    else:
+        thr = seg * 0
+        NBITS: tl.constexpr = 16
+        NEG_INF_KEY: tl.constexpr = 0x03FF if FMT == 1 else 0x007F
+    value = thr.to(tl.float32)  # carried out of the loop: the threshold's value
+    for i in range(NBITS + 1):
+        # NBITS candidates, then (i == NBITS) the threshold itself, whose value is kept.
+        cand = thr | tl.where(i < NBITS, (thr * 0 + 1) << tl.maximum(NBITS - 1 - i, 0), 0)
+        key = tl.maximum(cand, NEG_INF_KEY)
+        if FMT == 2:
+            bits = key ^ tl.where(key >= 2147483648, 2147483648, 0xFFFFFFFF)
+            value = bits.to(tl.int32).to(tl.float32, bitcast=True)
+        else:
+            bits = key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
+            if FMT == 0:
+                value = (bits << 16).to(tl.float32, bitcast=True)
+            else:
+                value = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        if i < NBITS:
+            # Counted as float 1/0 flags (exact below 2**24; compare and add, one instruction
+            # each) or as int32 flags (the compiler packs predicates and pop-counts them).
+            if INT_COUNT:
+                count = tl.sum((x_a >= value[:, None]).to(tl.int32), axis=1)
+                if HAS_B:
+                    count += tl.sum((x_b >= value[:, None]).to(tl.int32), axis=1)
+            else:
+                count = tl.sum(tl.where(x_a >= value[:, None], 1.0, 0.0), axis=1)
+                if HAS_B:  # a second, independent chain of adds
+                    count += tl.sum(tl.where(x_b >= value[:, None], 1.0, 0.0), axis=1)
+            thr = tl.where(count >= k, cand, thr)
+    t = value[:, None]
+
+    # Keep the values above T and the first (k - #above) equal to T, in channel order. One scan
+    # counts both: above T in the high 16 bits, equal to T in the low 16 bits.
+    flags_a = (x_a > t).to(tl.int32) * 65536 + (x_a == t).to(tl.int32)
+    totals = tl.sum(flags_a, axis=1)
+    if HAS_B:
+        flags_b = (x_b > t).to(tl.int32) * 65536 + (x_b == t).to(tl.int32)
+        totals += tl.sum(flags_b, axis=1)
+    need = (k - (totals >> 16))[:, None]
+    out_base = (row * out_row_stride + out_col0 + piece * seg_out_stride)[:, None]
+    scan = tl.cumsum(flags_a, axis=1)
+    keep = ((flags_a >> 16) == 1) | (((flags_a & 1) == 1) & ((scan & 0xFFFF) <= need))
+    pos = (scan >> 16) + tl.minimum(scan & 0xFFFF, need) - 1
+    tl.store(out_ptr + out_base + pos, (first_col[:, None] + cols_a[None, :]).to(tl.int64), mask=keep)
+    if HAS_B:
+        scan = tl.cumsum(flags_b, axis=1) + tl.sum(flags_a, axis=1)[:, None]
+        keep = ((flags_b >> 16) == 1) | (((flags_b & 1) == 1) & ((scan & 0xFFFF) <= need))
+        pos = (scan >> 16) + tl.minimum(scan & 0xFFFF, need) - 1
+        tl.store(out_ptr + out_base + pos, (first_col[:, None] + cols_b[None, :]).to(tl.int64), mask=keep)
+
+
+def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
+                       KEY_BITS: tl.constexpr, A: tl.constexpr, A_P2: tl.constexpr, GROUPS: tl.constexpr,
+                       BP2: tl.constexpr):
+    """Program (row, tile) picks the A best of GROUPS groups by A rounds of argmax, and stores
+    each group's picks as one contiguous run."""
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    lane = tl.arange(0, BP2)
+    col = group[:, None] * b + lane[None, :]
+    valid = (group < n_groups)[:, None] & (lane < b)[None, :] & (col < width)
+    bits = tl.load(bits_ptr + row * in_row_stride + col, mask=valid, other=0)
+    # Order-preserving integer key of IEEE sign-magnitude bits: flip the magnitude of negatives,
+    # then shift the sign so every key is >= 0 (32-bit keys need int64 for that).
+    if KEY_BITS == 16:
+        bits = bits.to(tl.int32)
+        key = (bits ^ ((bits >> 15) & 0x7FFF)) + 32768
+    else:
+        bits = bits.to(tl.int64)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2147483648
+    key = tl.where(valid, key, -1)  # below every real key
+    # The ragged last group of r channels keeps min(A, r).
+    picks = tl.minimum(tl.sum(valid.to(tl.int32), axis=1), A)
+    slot = tl.arange(0, A_P2)
+    picked = group[:, None] * 0 + slot[None, :] * 0
+    for p in tl.static_range(A):
+        best = tl.argmax(key, axis=1, tie_break_left=True)
+        picked = tl.where(slot[None, :] == p, best[:, None], picked)
+        key = tl.where(lane[None, :] == best[:, None], -1, key)
+    tl.store(out_ptr + row * out_row_stride + group[:, None] * A + slot[None, :],
+             (group[:, None] * b + picked).to(tl.int64), mask=(slot[None, :] < picks[:, None]) & (slot < A)[None, :])
+
+
+_JIT_CACHE: dict[tuple[str, bool], object] = {}
+
+
+def _import_triton() -> None:
+    """Bind `triton` and `tl` in this module: the kernels see `tl` through their globals."""
+    global triton, tl
+    if tl is None:
+        import triton as triton_module
+        import triton.language as tl_module
+
+        triton, tl = triton_module, tl_module
+
+
+def _kernel(fn):
+    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating)."""
+    mode = (fn.__name__, interpreting())
+    if mode not in _JIT_CACHE:
+        _JIT_CACHE[mode] = triton.jit(fn)
+    return _JIT_CACHE[mode]
+
+
+_FORMATS = {torch.bfloat16: (0, torch.int16), torch.float16: (1, torch.int16), torch.float32: (2, torch.int32)}
+
+
+def _raw_bits(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The scores' raw IEEE bits as an integer tensor (a view, no copy) and their format code."""
+    if scores.dtype not in _FORMATS:
+        raise TypeError(f"triton Top-K takes bf16, fp16 or fp32 scores, got {scores.dtype}")
+    if scores.dim() != 2:
+        raise ValueError(f"triton Top-K takes (rows, channels) scores, got shape {tuple(scores.shape)}")
+    reason = unavailable_reason(scores.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    _import_triton()
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    fmt, view = _FORMATS[scores.dtype]
+    return scores.view(view), fmt
+
+
+def split_blocks(width: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B) register pieces of a segment: width pads to one power of two, or to
+    two (2048 + 1024 for 2736) when that pads less. BLOCK_B = 0: one piece."""
+    block = triton.next_power_of_2(width)
+    if block >= 4:
+        half = block // 2
+        rest = triton.next_power_of_2(width - half)
+        if rest < half:
+            return half, rest
+    return block, 0
+
+
+def _launch_config(padded: int) -> tuple[int, int]:
+    """(segments per program, warps): one warp per segment up to ~128 values a thread (its
+    reductions then need no barrier; the fastest setting timed on an H100 for 2736 channels,
+    ahead of 2 and 4 warps), more warps for wider segments, many segments per program for small
+    ones (a:b groups)."""
+    if padded >= 1024:
+        return 1, max(1, min(16, triton.next_power_of_2(triton.cdiv(padded, 4096))))
+    return 1 << ((1024 // padded).bit_length() - 1), 1  # a power of two
+
+
+def _launch_segments(bits: torch.Tensor, out: torch.Tensor, fmt: int, *, n_segments: int,
+                     segs_per_row: int, seg_width: int, k: int, in_col0: int, seg_in_stride: int,
+                     out_col0: int, seg_out_stride: int, segs_per_program: Optional[int] = None,
+                     num_warps: Optional[int] = None, split: Optional[bool] = None,
+                     int_count: bool = False) -> None:
+    block_a, block_b = split_blocks(seg_width) if split is not False else (triton.next_power_of_2(seg_width), 0)
+    default_segs, default_warps = _launch_config(block_a + block_b)
+    segs = segs_per_program or default_segs
+    grid = (triton.cdiv(n_segments, segs),)
+    _kernel(_segment_topk)[grid](
+        bits, out, n_segments, segs_per_row, seg_width, k,
+        bits.stride(0), in_col0, seg_in_stride, out.stride(0), out_col0, seg_out_stride,
+        FMT=fmt, SEGS=segs, BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0, INT_COUNT=int_count,
+        num_warps=num_warps or default_warps)
+
+
+def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = None,
+             num_warps: Optional[int] = None, split: Optional[bool] = None, int_count: bool = False) -> torch.Tensor:
+    """Indices (int64, rows x k, unordered) of the k largest scores of each row (NaN ranks as
+    -inf). Rows wider than MAX_BLOCK channels do not fit one program and go to torch.topk."""
+    rows, width = scores.shape
+    if not 1 <= k <= width:
+        raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
+    if width > MAX_BLOCK:
+        return torch.topk(scores, k, dim=-1, sorted=False).indices
+    bits, fmt = _raw_bits(scores)
+    out = torch.empty(rows, k, dtype=torch.int64, device=scores.device)
+    if rows:
+        _launch_segments(bits, out, fmt, n_segments=rows, segs_per_row=1, seg_width=width, k=k,
+                         in_col0=0, seg_in_stride=0, out_col0=0, seg_out_stride=0,
+                         segs_per_program=segs_per_program, num_warps=num_warps, split=split,
+                         int_count=int_count)
+    return out
+
+
+def group_topk(scores: torch.Tensor, a: int, b: int, *, groups_per_program: Optional[int] = None,
+               num_warps: Optional[int] = None) -> torch.Tensor:
+    """Indices (int64, rows x kept) of the a largest of every b contiguous channels of each row;
+    the last, shorter group of r channels keeps min(a, r). Group g's picks are columns g*a.."""
+    rows, width = scores.shape
+    if not 1 <= a <= b:
+        raise ValueError(f"group a:b = {a}:{b} needs 1 <= a <= b")
+    full, rest = divmod(width, b)
+    kept = full * a + min(a, rest)
+    bits, fmt = _raw_bits(scores)
+    out = torch.empty(rows, kept, dtype=torch.int64, device=scores.device)
+    if rows == 0:
+        return out
+    bp2 = triton.next_power_of_2(b)
+    if a <= MAX_ARGMAX_ROUNDS and bp2 <= 128:
+        n_groups = full + (1 if rest else 0)
+        # 32 groups of 8 a one-warp program: the fastest of the settings timed on an H100
+        # (moc_lightning.bench.topk --tune), tied with 64.
+        groups = groups_per_program or max(1, min(triton.next_power_of_2(n_groups), 256 // bp2))
+        grid = (rows, triton.cdiv(n_groups, groups))
+        _kernel(_group_argmax_topk)[grid](
+            bits, out, width, n_groups, b, bits.stride(0), out.stride(0),
+            KEY_BITS=32 if fmt == 2 else 16, A=a, A_P2=triton.next_power_of_2(a), GROUPS=groups, BP2=bp2,
+            num_warps=num_warps or 1)
+        return out
+    if b > MAX_BLOCK:
+        return torch.cat([torch.topk(scores[:, g * b:(g + 1) * b], min(a, width - g * b), dim=-1, sorted=False).indices + g * b
+                          for g in range(full + (1 if rest else 0))], dim=1)
+    if full:
+        _launch_segments(bits, out, fmt, n_segments=rows * full, segs_per_row=full, seg_width=b, k=a,
+                         in_col0=0, seg_in_stride=b, out_col0=0, seg_out_stride=a,
+                         segs_per_program=groups_per_program, num_warps=num_warps)
+    if rest:
+        _launch_segments(bits, out, fmt, n_segments=rows, segs_per_row=1, seg_width=rest, k=min(a, rest),
+                         in_col0=full * b, seg_in_stride=0, out_col0=full * a, seg_out_stride=0)
+    return out

@@ -1,0 +1,198 @@
+"""The MoC decode kernel (Triton, run by the interpreter on CPU) against the float64 reference and
+the plain PyTorch MoC FFN: batch 1..8, d_ffn not a multiple of the blocks, both placements, a:b
+groups with a ragged last group, ties, scratch left clean, inputs refused with clear errors."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates anything: CPU tensors, no GPU
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402,F401  (CI installs triton: a missing one must fail here, not skip)
+
+from ffn_reference import f64, reference_forward, reference_mask  # noqa: E402
+from moc_lightning.ffn import FFNConfig, build_ffn  # noqa: E402
+from moc_lightning.kernels.moc_decode import DecodeScratch, LaunchConfig, moc_decode  # noqa: E402
+
+D, D_FFN = 48, 172  # 172 is not a multiple of the 16/32-channel blocks, 172 % 8 = 4, 172 % 5 = 2
+SMALL = LaunchConfig(gate_block_c=16, gate_block_d=32, updown_block_c=32, updown_block_d=32)
+
+
+def weights(d=D, d_ffn=D_FFN, dtype=torch.float32):
+    wg, wu = torch.randn(d_ffn, d) / d**0.5, torch.randn(d_ffn, d) / d**0.5
+    wd = torch.randn(d, d_ffn) / d_ffn**0.5
+    return [w.to(dtype) for w in (wg, wu, wd)]
+
+
+def reference(x, wg, wu, wd, k, group, placement, rank_dtype=f64):
+    """float64 MoC output; the mask ranks G as the kernel sees it (rounded to rank_dtype)."""
+    g = (x.to(f64) @ wg.to(f64).T).to(rank_dtype)
+    mask = reference_mask(g, k, group, placement)
+    return reference_forward("moc", x.to(f64), wg.to(f64), wu.to(f64), wd.to(f64), mask=mask)
+
+
+def run(x, wg, wu, wd, k, group=None, placement="pre_silu", config=SMALL, scratch=None):
+    scratch = scratch or DecodeScratch(wg.shape[1], wg.shape[0], x.device)
+    ab = None if group is None else tuple(int(p) for p in group.split(":"))
+    return moc_decode(x, wg, wu, wd.t().contiguous(), k=k, group=ab, placement=placement, scratch=scratch,
+                      config=config)
+
+
+def rel(out, ref):
+    return float((out.to(f64) - ref).norm() / ref.norm())
+
+
+CASES = [(rows, None, "pre_silu") for rows in range(1, 9)] + [
+    (rows, group, placement) for rows in (1, 6) for group, placement in
+    ((None, "post_silu"), ("2:8", "pre_silu"), ("2:8", "post_silu"), ("3:5", "pre_silu"))]
+
+
+@pytest.mark.parametrize("rows, group, placement", CASES)
+def test_matches_float64_reference(rows, group, placement):
+    wg, wu, wd = weights()
+    x = torch.randn(rows, D)
+    out = run(x, wg, wu, wd, k=40, group=group, placement=placement)
+    assert out.shape == (rows, D) and out.dtype == torch.float32
+    assert rel(out, reference(x, wg, wu, wd, 40, group, placement)) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("config", [
+    # tensor cores (tokens padded to 16, tl.dot), 2 select bits a round, the select fused for one token
+    LaunchConfig(gate_block_c=16, gate_block_d=16, updown_block_c=16, updown_block_d=16, use_dot=True,
+                 fuse_select=True, radix_bits=2),
+    # whole rows in one tile (d_model <= updown_block_d), 4 kept rows at a time: several passes a block
+    LaunchConfig(gate_block_c=32, gate_block_d=64, updown_block_c=64, updown_block_d=64, updown_rows=4),
+], ids=["dot-fused", "single-tile"])
+def test_other_launch_configs(rows, config):
+    wg, wu, wd = weights()
+    x = torch.randn(rows, D)
+    for group in (None, "2:8"):
+        assert rel(run(x, wg, wu, wd, k=33, group=group, config=config), reference(x, wg, wu, wd, 33, group, "pre_silu")) < 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 17, 99, 100])
+def test_ties_keep_exactly_k_lowest_index_first(k):
+    """Only 5 distinct gate rows: G ties everywhere. Exactly k channels are kept; among tied
+    channels at the threshold the lowest indices, which is the reference mask's stable order."""
+    d, d_ffn = 32, 100
+    distinct = torch.randn(5, d)
+    wg = distinct[torch.randint(0, 5, (d_ffn,))].contiguous()
+    _, wu, wd = weights(d, d_ffn)
+    x = torch.randn(2, d)
+    for rows in (1, 2):
+        out = run(x[:rows], wg, wu, wd, k=k)
+        assert rel(out, reference(x[:rows], wg, wu, wd, k, None, "pre_silu")) < 1e-5
+
+
+def test_bfloat16_ranks_the_rounded_gate():
+    wg, wu, wd = weights(dtype=torch.bfloat16)
+    x = torch.randn(3, D).to(torch.bfloat16)
+    out = run(x, wg, wu, wd, k=40)
+    assert out.dtype == torch.bfloat16
+    # pre_silu on 16-bit weights ranks G rounded to bf16 (16-bit keys), like the plain path.
+    assert rel(out, reference(x, wg, wu, wd, 40, None, "pre_silu", rank_dtype=torch.bfloat16)) < 1e-2
+
+
+def test_scratch_is_left_clean_and_reused():
+    wg, wu, wd = weights()
+    scratch = DecodeScratch(D, D_FFN, torch.device("cpu"))
+    x = torch.randn(4, D)
+    first = run(x, wg, wu, wd, k=40, scratch=scratch)
+    assert not scratch.acc.any() and not scratch.tickets.any() and not scratch.hist.any()
+    one = run(x[:1], wg, wu, wd, k=40, scratch=scratch)
+    again = run(x, wg, wu, wd, k=40, scratch=scratch)
+    assert torch.equal(first, again)
+    assert torch.allclose(one, first[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("settings", [{}, {"group": "2:8"}, {"placement": "post_silu", "k": 20}])
+def test_module_decode_path_matches_plain_pytorch_ffn(rows, settings):
+    cfg = FFNConfig(kind="moc", d_model=D, d_ffn=D_FFN, topk_backend="torch", moc_kernel="torch", **settings)
+    ffn = build_ffn(cfg)
+    x = torch.randn(rows, 1, D)
+    with torch.no_grad():
+        plain = ffn(x)
+        ffn.prepare_for_decode()
+        ffn.decode_layout.config = SMALL
+        kernel = ffn(x)
+    assert kernel.shape == plain.shape == (rows, 1, D)
+    assert torch.allclose(kernel, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_module_uses_the_kernel_only_for_small_no_grad_batches(monkeypatch):
+    import moc_lightning.ffn.decode as decode
+
+    ffn = build_ffn(FFNConfig(kind="moc", d_model=D, d_ffn=D_FFN, topk_backend="torch", moc_kernel="torch"))
+    ffn.prepare_for_decode()
+    calls = []
+    monkeypatch.setattr(decode.kernel, "moc_decode", lambda *a, **kw: calls.append(a[0].shape) or a[0] * 0)
+    with torch.no_grad():
+        ffn(torch.randn(2, 3, D))  # 6 rows: kernel
+        ffn(torch.randn(9, D))  # 9 rows: plain path
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would change the dtype: plain path
+            ffn(torch.randn(1, D))
+    ffn(torch.randn(1, D))  # autograd on: plain path (the kernel has no backward)
+    assert calls == [torch.Size([6, D])]
+    ffn.prepare_for_decode(False)
+    with torch.no_grad():
+        ffn(torch.randn(1, D))
+    assert len(calls) == 1
+
+
+def test_changed_down_weight_is_picked_up():
+    ffn = build_ffn(FFNConfig(kind="moc", d_model=D, d_ffn=D_FFN, topk_backend="torch", moc_kernel="torch"))
+    ffn.prepare_for_decode()
+    ffn.decode_layout.config = SMALL
+    x = torch.randn(1, D)
+    with torch.no_grad():
+        ffn.down_proj.weight.mul_(2.0)  # in place, as an optimizer step would
+        kernel = ffn(x)
+        ffn.prepare_for_decode(False)
+        plain = ffn(x)
+    assert torch.allclose(kernel, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_inputs_are_refused_with_clear_errors(monkeypatch):
+    wg, wu, wd = weights()
+    scratch = DecodeScratch(D, D_FFN, torch.device("cpu"))
+    wdt = wd.t().contiguous()
+    with pytest.raises(ValueError, match="1 <= rows <= 8"):
+        moc_decode(torch.randn(9, D), wg, wu, wdt, k=4, scratch=scratch)
+    with pytest.raises(ValueError, match="w_down_t must be"):
+        moc_decode(torch.randn(1, D), wg, wu, wd, k=4, scratch=scratch)
+    with pytest.raises(ValueError, match=r"k = 0 must be in \[1, d_ffn = 172\]"):
+        moc_decode(torch.randn(1, D), wg, wu, wdt, k=0, scratch=scratch)
+    with pytest.raises(ValueError, match="another shape"):
+        moc_decode(torch.randn(1, D), wg, wu, wdt, k=4, scratch=DecodeScratch(D, 64, torch.device("cpu")))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="runs on CUDA .*TRITON_INTERPRET=1.* not on cpu"):
+        moc_decode(torch.randn(1, D), wg, wu, wdt, k=4, scratch=scratch)
+
+
+def test_module_imports_and_refuses_clearly_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch\n"
+        "from moc_lightning.kernels import moc_decode as m\n"
+        "from moc_lightning.ffn import FFNConfig, build_ffn\n"
+        "assert not m.HAS_TRITON and not m.runs_on(torch.device('cpu'))\n"
+        "ffn = build_ffn(FFNConfig(kind='moc', d_model=8, d_ffn=16))\n"
+        "ffn.prepare_for_decode()\n"
+        "with torch.no_grad(): assert ffn(torch.randn(1, 8)).shape == (1, 8)  # plain path\n"
+        "try:\n"
+        "    m.moc_decode(torch.randn(1, 8), *[torch.randn(16, 8)] * 3, k=2, scratch=m.DecodeScratch(8, 16, torch.device('cpu')))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'needs triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
