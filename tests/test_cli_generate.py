@@ -55,7 +55,7 @@ def test_generated_text_is_the_models_greedy_continuation(run_dir, monkeypatch):
     ids = tokenizer.encode("Once upon")[:-1]
     expected = tokenizer.decode(generate(model, [ids], max_new_tokens=5, stop_tokens=[tokenizer.eos_id]).tokens[0])
     args = argparse.Namespace(checkpoint=str(run_dir), prompt="Once upon", max_new_tokens=5, greedy=True,
-                              temperature=1.0, top_p=1.0, seed=0, device="cpu", tokenizer=None, no_decode_kernel=False)
+                              temperature=1.0, top_p=1.0, seed=0, device="cpu", tokenizer=None, decode_kernel=False)
     assert cli.run_generate(args) == expected
 
 

@@ -39,8 +39,10 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:i]")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the one the run recorded")
-    parser.add_argument("--no-decode-kernel", action="store_true",
-                        help="run MoC layers through the plain PyTorch path instead of the Triton decode kernel")
+    # Opt-in: on the H100 one bf16 check of the kernel (40 calls of batch 1..8 in a row) still
+    # fails on one input (BENCHMARKS.md), so the plain PyTorch path stays the default.
+    parser.add_argument("--decode-kernel", action="store_true",
+                        help="on CUDA, run MoC layers through the Triton decode kernel (experimental)")
     return parser
 
 
@@ -136,7 +138,7 @@ def run_generate(args: argparse.Namespace) -> str:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     device = _device(args.device)
     model.to(device).eval()
-    if not args.no_decode_kernel and device.type == "cuda":
+    if args.decode_kernel and device.type == "cuda":
         model.prepare_for_decode()
     # encode() ends every document with EOS; a prompt is an unfinished document, so drop it.
     prompt_ids = tokenizer.encode(args.prompt)[:-1] or [tokenizer.eos_id]
