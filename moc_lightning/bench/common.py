@@ -11,7 +11,7 @@ import datetime
 import json
 import sys
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,9 +57,35 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def check(bench: str, name: str, ok: bool, **context: Any) -> bool:
-    """A correctness check as a record (value 1 pass, 0 fail); failures also go to stderr."""
-    emit(bench, name, 1.0 if ok else 0.0, "pass", **context)
+def _check_record(bench: str, name: str, ok: bool, **context: Any) -> dict[str, Any]:
+    record = emit(bench, name, 1.0 if ok else 0.0, "pass", **context)
     if not ok:
         print(f"CHECK FAILED: {bench}/{name} {context}", file=sys.stderr, flush=True)
+    return record
+
+
+def check(bench: str, name: str, ok: bool, **context: Any) -> bool:
+    """A correctness check as a record (value 1 pass, 0 fail); failures also go to stderr."""
+    _check_record(bench, name, ok, **context)
     return ok
+
+
+class Recorder:
+    """One benchmark's emit() and check() that also append each record to a file (when a path is
+    given), so a run killed at its time limit keeps what it measured."""
+
+    def __init__(self, bench: str, path: Optional[str] = None):
+        self.bench, self.path = bench, path
+
+    def emit(self, name: str, value: float, unit: str, **context: Any) -> dict[str, Any]:
+        return self._write(emit(self.bench, name, value, unit, **context))
+
+    def check(self, name: str, ok: bool, **context: Any) -> bool:
+        self._write(_check_record(self.bench, name, ok, **context))
+        return ok
+
+    def _write(self, record: dict[str, Any]) -> dict[str, Any]:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record

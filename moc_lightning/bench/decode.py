@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 import traceback
 from typing import Callable, Optional
@@ -29,35 +28,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from moc_lightning.bench.common import check, copy_bandwidth_gbs, emit, floor_ms, rel_error, time_ms
+from moc_lightning.bench.common import Recorder, copy_bandwidth_gbs, floor_ms, rel_error, time_ms
 from moc_lightning.ffn import FFNConfig, build_ffn
 from moc_lightning.kernels import moc_decode as kernel
 
 BENCH = "decode"
 D, D_FFN, K = 2048, 5461, 1024
 GROUP = (2, 8)
-
-
-class Output:
-    """emit()/check() that also append each record to a file, so a killed run keeps its figures."""
-
-    def __init__(self, path: Optional[str]):
-        self.path = path
-
-    def emit(self, name: str, value: float, unit: str, **context) -> dict:
-        record = emit(BENCH, name, value, unit, **context)
-        self._write(record)
-        return record
-
-    def check(self, name: str, ok: bool, **context) -> bool:
-        check(BENCH, name, ok, **context)
-        self._write({"bench": BENCH, "name": name, "value": 1.0 if ok else 0.0, "unit": "pass", **context})
-        return ok
-
-    def _write(self, record: dict) -> None:
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 # --- timing helpers ------------------------------------------------------------------------------
@@ -146,7 +123,7 @@ def reference64(layer: Layer, x: torch.Tensor, kind: str) -> torch.Tensor:
     return (F.silu(g64) * mask * (x.double() @ wu.T)) @ wd.T
 
 
-def check_correctness(out: Output, batches: list[int]) -> bool:
+def check_correctness(out: Recorder, batches: list[int]) -> bool:
     ok = True
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         layer = Layer(dtype)
@@ -197,7 +174,7 @@ SWEEP_GROUP = {
 }
 
 
-def sweep(out: Output, layer: Layer, batches: list[int], deadline: float) -> None:
+def sweep(out: Recorder, layer: Layer, batches: list[int], deadline: float) -> None:
     """Time the candidate launch configs (CUDA-graphed) and install the fastest per batch size."""
     for grouped, table, candidates in ((False, kernel.LAUNCH_CONFIGS, SWEEP_ROW), (True, kernel.GROUPED_LAUNCH_CONFIGS, SWEEP_GROUP)):
         kind = "moc_2:8" if grouped else "moc"
@@ -225,7 +202,7 @@ def sweep(out: Output, layer: Layer, batches: list[int], deadline: float) -> Non
                 out.emit(f"sweep/{kind}/batch{rows}/chosen", best[0] * 1e3, "us", config=best[2])
 
 
-def bench_ffn(out: Output, layer: Layer, batches: list[int], compile_modes: list[str]) -> None:
+def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: list[str]) -> None:
     itemsize = layer.dtype.itemsize
     compiled = {mode: torch.compile(dense_ffn, mode=mode, dynamic=False) for mode in compile_modes}
     for rows in batches:
@@ -276,7 +253,7 @@ def bench_ffn(out: Output, layer: Layer, batches: list[int], compile_modes: list
                 breakdown(out, layer, module, x, kind, graphed, ctx)
 
 
-def breakdown(out: Output, layer: Layer, module, x: torch.Tensor, kind: str, total_ms: float, ctx: dict) -> None:
+def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, total_ms: float, ctx: dict) -> None:
     """Table 7: each stage of the kernel timed alone (CUDA-graphed), 'other' the rest of the total."""
     wg, wu = layer.weights[0], layer.weights[1]
     layout = module.decode_layout
@@ -309,7 +286,7 @@ def breakdown(out: Output, layer: Layer, module, x: torch.Tensor, kind: str, tot
 # --- whole-model decoding --------------------------------------------------------------------------
 
 
-def check_model_float32(out: Output, prompt_len: int) -> bool:
+def check_model_float32(out: Recorder, prompt_len: int) -> bool:
     """A 4-layer llama-1b-shaped MoC model in float32: one decode step with the kernel vs the plain path."""
     from moc_lightning.models import ModelConfig, MoCTransformer
 
@@ -333,7 +310,7 @@ def check_model_float32(out: Output, prompt_len: int) -> bool:
     return out.check("correct/model/moc_float32_step_logits_vs_plain", err < 1e-4, rel_err=err, layers=4, batch=2)
 
 
-def bench_model(out: Output, prompt_len: int, new_tokens: int) -> None:
+def bench_model(out: Recorder, prompt_len: int, new_tokens: int) -> None:
     from moc_lightning.inference import DecodeStep, generate
     from moc_lightning.models import ModelConfig, MoCTransformer
     from moc_lightning.models.config import FFN_KEYS
@@ -391,7 +368,7 @@ def bench_model(out: Output, prompt_len: int, new_tokens: int) -> None:
         torch.cuda.empty_cache()
 
 
-def section(out: Output, name: str, run: Callable[[], object]) -> bool:
+def section(out: Recorder, name: str, run: Callable[[], object]) -> bool:
     """Run one part; a failure is recorded (with its traceback on stderr) and the next part runs."""
     t0 = time.time()
     try:
@@ -418,7 +395,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("moc_lightning.bench.decode needs a CUDA GPU")
-    out = Output(args.out)
+    out = Recorder(BENCH, args.out)
     batches = [int(b) for b in args.batches.split(",") if b]
     start = time.time()
     torch.manual_seed(0)

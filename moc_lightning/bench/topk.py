@@ -13,14 +13,13 @@ in a background thread while the rest runs (a few minutes the first time, then c
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from typing import Callable, Optional
 
 import torch
 
-from moc_lightning.bench.common import check, emit, floor_ms, time_ms
+from moc_lightning.bench.common import Recorder, floor_ms, time_ms
 from moc_lightning.ffn.topk import _torch_group_topk, _torch_row_topk
 from moc_lightning.kernels import raft_select_k, topk_triton
 
@@ -29,28 +28,6 @@ BENCH = "topk"
 ROW_CHECKS = [(4096, 2736, 512), (1000, 1000, 100), (513, 5461, 1024), (300, 37, 37), (257, 2736, 1), (64, 70000, 9)]
 # (rows, width, a, b) of the group checks: exact, ragged and non-power-of-two groups, many picks.
 GROUP_CHECKS = [(2048, 2736, 2, 8), (1000, 2740, 2, 8), (500, 1003, 3, 7), (300, 1000, 12, 16)]
-
-
-class Recorder:
-    """emit() that also appends each record to a file, so a killed run keeps what it measured."""
-
-    def __init__(self, path: Optional[str]):
-        self.path = path
-
-    def emit(self, *args, **kw) -> dict:
-        record = emit(*args, **kw)
-        self._write(record)
-        return record
-
-    def check(self, name: str, ok: bool, **context) -> bool:
-        check(BENCH, name, ok, **context)
-        self._write({"bench": BENCH, "name": name, "value": 1.0 if ok else 0.0, "unit": "pass", **context})
-        return ok
-
-    def _write(self, record: dict) -> None:
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def row_is_topk(scores: torch.Tensor, idx: torch.Tensor, k: int) -> bool:
@@ -114,21 +91,21 @@ def time_backends(rec: Recorder, backends: dict[str, tuple[Callable, Callable]],
     read = scores.numel() * scores.element_size()
     floors = {"row": floor_ms(read + rows * k * 8), "group": floor_ms(read + rows * kept_group * 8)}
     shape = dict(rows=rows, width=width, dtype="bfloat16")
-    rec.emit(BENCH, "row_floor_ms", floors["row"], "ms", k=k, read_only_floor_ms=floor_ms(read), **shape)
-    rec.emit(BENCH, "group_floor_ms", floors["group"], "ms", group=args.group, **shape)
+    rec.emit("row_floor_ms", floors["row"], "ms", k=k, read_only_floor_ms=floor_ms(read), **shape)
+    rec.emit("group_floor_ms", floors["group"], "ms", group=args.group, **shape)
     times: dict[str, float] = {}
     for name, (row_fn, group_fn) in backends.items():
         for kind, fn, ctx in (("row", lambda: row_fn(scores, k), {"k": k}),
                               ("group", lambda: group_fn(scores, a, b), {"group": args.group})):
             ms = time_ms(fn)
             times[f"{kind}/{name}"] = ms
-            rec.emit(BENCH, f"{kind}_ms", ms, "ms", backend=name, floor_ms=floors[kind], x_floor=ms / floors[kind],
+            rec.emit(f"{kind}_ms", ms, "ms", backend=name, floor_ms=floors[kind], x_floor=ms / floors[kind],
                      **ctx, **shape)
     for kind in ("row", "group"):
         base = times.get(f"{kind}/torch")
         for key, ms in times.items():
             if key.startswith(kind + "/") and base and not key.endswith("/torch"):
-                rec.emit(BENCH, f"{kind}_speedup_vs_torch", base / ms, "x", backend=key.split("/", 1)[1], **shape)
+                rec.emit(f"{kind}_speedup_vs_torch", base / ms, "x", backend=key.split("/", 1)[1], **shape)
     return times
 
 
@@ -150,7 +127,7 @@ def tune(rec: Recorder, args) -> tuple[dict, dict]:
             ("group", GROUP_SETTINGS, lambda kw: topk_triton.group_topk(scores, a, b, **kw))):
         for kw in settings:
             ms = time_ms(lambda: run(kw))
-            rec.emit(BENCH, f"tune_{kind}_ms", ms, "ms", **kw, **shape)
+            rec.emit(f"tune_{kind}_ms", ms, "ms", **kw, **shape)
             if kind not in best or ms < best[kind][0]:
                 best[kind] = (ms, kw)
     return best["row"][1], best["group"][1]
@@ -169,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("moc_lightning.bench.topk needs a CUDA GPU")
-    rec = Recorder(args.out)
+    rec = Recorder(BENCH, args.out)
     device = torch.device("cuda")
 
     raft_state: dict = {}
@@ -177,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_raft:
         reason = raft_select_k.unavailable_reason(device)
         if reason is not None:
-            rec.emit(BENCH, "raft_built", 0.0, "bool", reason=reason)
+            rec.emit("raft_built", 0.0, "bool", reason=reason)
         else:
             def build():
                 start = time.perf_counter()
@@ -198,17 +175,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         timed["triton_tuned"] = (lambda s, k: topk_triton.row_topk(s, k, **row_kw),
                                  lambda s, a, b: topk_triton.group_topk(s, a, b, **group_kw))
         all_ok &= run_checks(rec, {"triton_tuned": timed["triton_tuned"]})
-        rec.emit(BENCH, "tuned_settings", 1.0, "info", row=row_kw, group=group_kw)
+        rec.emit("tuned_settings", 1.0, "info", row=row_kw, group=group_kw)
     time_backends(rec, timed, args)
 
     if builder is not None:
         builder.join(timeout=args.raft_wait)
         if builder.is_alive():
-            rec.emit(BENCH, "raft_built", 0.0, "bool", reason=f"still building after {args.raft_wait:.0f} s")
+            rec.emit("raft_built", 0.0, "bool", reason=f"still building after {args.raft_wait:.0f} s")
         elif "error" in raft_state:
-            rec.emit(BENCH, "raft_built", 0.0, "bool", seconds=raft_state["seconds"], reason=raft_state["error"])
+            rec.emit("raft_built", 0.0, "bool", seconds=raft_state["seconds"], reason=raft_state["error"])
         else:
-            rec.emit(BENCH, "raft_built", 1.0, "bool", seconds=raft_state["seconds"], library=raft_state["path"])
+            rec.emit("raft_built", 1.0, "bool", seconds=raft_state["seconds"], library=raft_state["path"])
             raft = {"raft": (raft_select_k.row_topk, raft_select_k.group_topk)}
             all_ok &= run_checks(rec, raft)
             time_backends(rec, {"torch": timed["torch"], **raft}, args)

@@ -39,8 +39,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:i]")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the one the run recorded")
-    # Opt-in: on the H100 one bf16 check of the kernel (40 calls of batch 1..8 in a row) still
-    # fails on one input (BENCHMARKS.md), so the plain PyTorch path stays the default.
+    # Opt-in: on the H100 a bf16 check of the kernel (40 calls of batch 1..8 in a row) fails with an
+    # error that moves between runs, a race (BENCHMARKS.md), so the plain PyTorch path stays the default.
     parser.add_argument("--decode-kernel", action="store_true",
                         help="on CUDA, run MoC layers through the Triton decode kernel (experimental)")
     return parser
