@@ -24,28 +24,12 @@ placement_experiment = "placement-smoke"  # None: skip the placement table
 figures_dir = None  # a folder to save the figures in (png), or None
 
 # %%
-import os
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-import moc_lightning
-from moc_lightning.sweep import latest_parent, load_artifact_frame
-from moc_lightning.tracking import resolve_tracking_uri
+from moc_lightning.sweep import latest_parent, load_artifact_frame, notebook_setup
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the outputs
-ROOT = Path(moc_lightning.__file__).resolve().parents[1]
-uri = resolve_tracking_uri(tracking_uri, workdir=ROOT)  # a relative SQLite path means the checkout's
-figures = Path(figures_dir) if figures_dir else None
-if figures is not None:
-    figures.mkdir(parents=True, exist_ok=True)
-
-
-def save(fig, name):
-    if figures is not None:
-        fig.savefig(figures / name, dpi=120, bbox_inches="tight")
-
+uri, save = notebook_setup(tracking_uri, figures_dir)
 
 # %% [markdown]
 # ## The comparison table

@@ -23,28 +23,13 @@ profile_experiment = "profile-smoke"
 figures_dir = None
 
 # %%
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-import moc_lightning
-from moc_lightning.sweep import latest_parent, load_artifact_frame, load_artifact_json
-from moc_lightning.tracking import resolve_tracking_uri
+from moc_lightning.sweep import latest_parent, load_artifact_frame, load_artifact_json, notebook_setup
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the outputs
-ROOT = Path(moc_lightning.__file__).resolve().parents[1]
-uri = resolve_tracking_uri(tracking_uri, workdir=ROOT)
-figures = Path(figures_dir) if figures_dir else None
-if figures is not None:
-    figures.mkdir(parents=True, exist_ok=True)
-
-
-def save(fig, name):
-    if figures is not None:
-        fig.savefig(figures / name, dpi=120, bbox_inches="tight")
-
+uri, save = notebook_setup(tracking_uri, figures_dir)
 
 # %% [markdown]
 # ## Memory breakdown

@@ -27,33 +27,20 @@ figures_dir = None
 # %%
 import io
 import json
-import os
-from pathlib import Path
 
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
-import moc_lightning
 from moc_lightning.search import pareto_indices
-from moc_lightning.sweep import latest_parent, load_artifact_frame, load_artifact_text
-from moc_lightning.tracking import resolve_tracking_uri
+from moc_lightning.sweep import latest_parent, load_artifact_frame, load_artifact_text, notebook_setup
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the outputs
-ROOT = Path(moc_lightning.__file__).resolve().parents[1]
-uri = resolve_tracking_uri(tracking_uri, workdir=ROOT)
-figures = Path(figures_dir) if figures_dir else None
-if figures is not None:
-    figures.mkdir(parents=True, exist_ok=True)
+uri, save = notebook_setup(tracking_uri, figures_dir)
 assert search_experiment or compare_experiment, "set search_experiment or compare_experiment"
 panels = [name for name in ("search", "compare") if {"search": search_experiment, "compare": compare_experiment}[name]]
 # Drawn over the next cells, shown at the end: an object-API figure is not displayed when a cell ends.
 fig = Figure(figsize=(6.5 * len(panels), 4.6), layout="constrained")
 axis = dict(zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]))
 
-
-def save(fig, name):
-    if figures is not None:
-        fig.savefig(figures / name, dpi=120, bbox_inches="tight")
 
 
 def draw_front(ax, points, x, label_of):

@@ -25,6 +25,7 @@ from moc_lightning.sweep.results import (
     load_artifact_json,
     load_artifact_text,
     metric,
+    notebook_setup,
     relocate_artifacts,
 )
 from moc_lightning.sweep.settings import (
@@ -37,6 +38,6 @@ from moc_lightning.sweep.settings import (
 __all__ = [
     "OUTCOME_TAG", "PEAK_MEMORY_KEYS", "ROLE_TAG", "Child", "ChildResult", "ParentRun", "children_rows",
     "conf_dir", "fingerprint", "is_out_of_memory", "latest_parent", "load_artifact_csv", "load_artifact_frame",
-    "load_artifact_json", "load_artifact_text",
+    "load_artifact_json", "load_artifact_text", "notebook_setup",
     "load_settings", "metric", "relocate_artifacts", "model_parameters", "peak_memory", "reset_peak_memory", "split_overrides",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -94,3 +95,22 @@ def relocate_artifacts(tracking_uri: str, artifacts_root: str) -> int:
                     db.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (moved(path), ident))
                     changed += 1
     return changed
+
+
+def notebook_setup(tracking_uri: Optional[str], figures_dir: Optional[str]):
+    """What every notebook in notebooks/ starts with: the store it reads and its `save(fig, name)`.
+
+    A relative SQLite path is taken from the checkout's root (where `moc` runs write mlflow.db), not
+    from the notebook's folder; figures are saved as PNG into `figures_dir` when it is given.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the outputs
+    uri = resolve_tracking_uri(tracking_uri, workdir=Path(__file__).resolve().parents[2])
+    figures = Path(figures_dir) if figures_dir else None
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+
+    def save(fig, name: str) -> None:
+        if figures is not None:
+            fig.savefig(figures / name, dpi=120, bbox_inches="tight")
+
+    return uri, save
