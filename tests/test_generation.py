@@ -141,3 +141,32 @@ def test_decode_kernel_generates_the_same_tokens_as_the_plain_path():
     assert all(len(row) == 64 for row in plain.tokens)
     # the prefill (2 x 6 rows) took the plain path, every one-token step the kernel
     assert sum(shape.numel() <= 8 for shape in calls) == 63 * model.cfg.n_layers
+
+
+def test_compiled_decode_step_reaches_the_kernel_through_its_custom_op(monkeypatch):
+    """The decode step compiles as one graph (fullgraph: a graph break would raise), the MoC layers
+    appear in it as the opaque op moc_lightning::moc_decode, the kernel runs, and the tokens equal
+    the plain path's. The backend records Dynamo's graph and runs it as traced (no inductor build)."""
+    import moc_lightning.ffn.decode as decode
+
+    model = tiny_model("moc", topk_backend="torch", moc_kernel="torch")
+    train_briefly(model)
+    prompts = [list(range(10, 20))]  # a 10-token prefill: more than 8 rows, the plain path
+    plain = generate(model, prompts, max_new_tokens=6)
+    model.prepare_for_decode()
+    launched, traced = [], []
+    run_kernel = decode.kernel.moc_decode
+    monkeypatch.setattr(decode.kernel, "moc_decode", lambda x, *a, **kw: launched.append(x.shape) or run_kernel(x, *a, **kw))
+
+    def recording_backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = generate(model, prompts, max_new_tokens=6, compile=recording_backend)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.tokens == plain.tokens
+    assert traced.count("moc_lightning.moc_decode.default") == model.cfg.n_layers
+    assert len(launched) == 5 * model.cfg.n_layers and all(shape == (1, model.cfg.d_model) for shape in launched)

@@ -13,7 +13,8 @@
    Table-7-like breakdown of MoC (gate, Top-K, up+down, other), each part timed on its own.
 3. Whole-model decoding of llama-1b with random weights (bf16; the kept channels of random weights
    are as good as any for timing), batch 1, 128 prompt + 128 new tokens, dense vs MoC: decode
-   tokens/s with and without a CUDA graph of the decode step, and end-to-end generate() time.
+   tokens/s of the eager step, the step in a CUDA graph, and the step torch.compile'd then put in
+   a CUDA graph (the best dense baseline), and end-to-end generate() time.
 --sweep first times a few launch configurations per batch size and keeps the fastest.
 """
 
@@ -141,7 +142,8 @@ def check_correctness(out: Recorder, batches: list[int]) -> bool:
                 name = f"correct/{kind}/{str(dtype).split('.')[-1]}/batch{rows}"
                 ok &= out.check(name, err < tol and rel_error(got, plain) < 3 * tol, rel_err_vs_float64=err,
                                 rel_err_vs_plain=rel_error(got, plain), plain_rel_err_vs_float64=plain_err)
-        # Many calls in a row with fresh inputs: the tickets and the accumulator reset themselves.
+        # Many calls in a row with fresh inputs, batch 1..8: the histogram clears itself, the
+        # partials are rewritten (the old last-program-finishes kernel failed here once in 40 calls).
         module = layer.moc
         errs = []
         with torch.no_grad():
@@ -154,21 +156,22 @@ def check_correctness(out: Recorder, batches: list[int]) -> bool:
     return ok
 
 
-SINGLE = dict(updown_block_d=2048, updown_warps=8)  # whole rows, both tiles in flight at once
+SINGLE = dict(updown_block_d=2048, updown_warps=8, updown_block_c=64)  # whole rows, both tiles in flight at once
 DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 SWEEP_ROW = {
-    1: [dict(), dict(SINGLE, updown_rows=4), dict(SINGLE, updown_rows=16, updown_block_c=64),
-        dict(updown_block_d=512, updown_block_c=16), dict(SINGLE, fuse_select=True, gate_warps=8),
-        dict(SINGLE, radix_bits=2), dict(SINGLE, gate_block_c=8, gate_block_d=1024)],
-    2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=256, updown_block_c=64), dict(SINGLE, updown_rows=4),
-        dict(SINGLE, updown_rows=8, gate_block_d=512)],
+    1: [dict(), dict(SINGLE, updown_rows=16), dict(SINGLE, updown_block_c=128, updown_rows=8),
+        dict(SINGLE, select_in_updown=False), dict(SINGLE, select_in_updown=False, updown_block_c=32),
+        dict(SINGLE, radix_bits=2), dict(SINGLE, gate_block_c=4, gate_block_d=2048),
+        dict(SINGLE, gate_block_c=32, gate_block_d=256), dict(SINGLE, finish_block_d=64)],
+    2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=64)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=512, updown_warps=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=512, updown_warps=8)],
 }
 SWEEP_GROUP = {
-    1: [dict(), dict(SINGLE, updown_block_c=16), dict(SINGLE, updown_block_c=64, updown_rows=16),
-        dict(updown_block_c=16, updown_block_d=512)],
-    2: [dict(use_dot=True, updown_block_d=128), dict(SINGLE, updown_rows=4), dict(use_dot=True, updown_block_d=256, updown_block_c=64)],
+    1: [dict(), dict(SINGLE, updown_block_c=16), dict(SINGLE, updown_block_c=32, updown_rows=8),
+        dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024), dict(updown_block_c=16, updown_block_d=512),
+        dict(SINGLE, updown_block_c=128, updown_rows=16)],
+    2: [dict(use_dot=True, updown_block_d=128), dict(use_dot=True, updown_block_d=64)],
     4: [dict(use_dot=True, updown_block_d=128), dict(use_dot=True, updown_block_d=256, updown_block_c=64)],
     8: [dict(use_dot=True, updown_block_d=128), dict(use_dot=True, updown_block_d=256, updown_block_c=64)],
 }
@@ -202,7 +205,7 @@ def sweep(out: Recorder, layer: Layer, batches: list[int], deadline: float) -> N
                 out.emit(f"sweep/{kind}/batch{rows}/chosen", best[0] * 1e3, "us", config=best[2])
 
 
-def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: list[str]) -> None:
+def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: list[str]) -> bool:
     itemsize = layer.dtype.itemsize
     compiled = {mode: torch.compile(dense_ffn, mode=mode, dynamic=False) for mode in compile_modes}
     for rows in batches:
@@ -251,29 +254,42 @@ def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: li
                          speedup_vs_dense_eager=eager / graphed, speedup_vs_dense_eager_cudagraph=eager_graph / graphed,
                          **fields)
                 breakdown(out, layer, module, x, kind, graphed, ctx)
+    # Every launch above ran thousands of times, and the breakdown ran them out of order: check again.
+    ok = True
+    with torch.no_grad():
+        for kind in ("moc", "moc_2:8"):
+            for rows in batches:
+                x = torch.randn(rows, D, device="cuda", dtype=layer.dtype)
+                err = rel_error(layer.module(kind)(x), reference64(layer, x, kind))
+                ok &= out.check(f"correct/after_timing/{kind}/batch{rows}", err < 2e-2, rel_err_vs_float64=err)
+    return ok
 
 
 def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, total_ms: float, ctx: dict) -> None:
-    """Table 7: each stage of the kernel timed alone (CUDA-graphed), 'other' the rest of the total."""
+    """Table 7: each launch timed alone (CUDA-graphed; the Top-K as its own select launch, which
+    the batch-1 kernel folds into up_down), 'other' the rest of the total (negative where the whole
+    step overlaps its launches better than they run alone)."""
     wg, wu = layer.weights[0], layer.weights[1]
     layout = module.decode_layout
     cfg = module.cfg
     parts = {}
     if kind == "moc":
-        _, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch, fuse_select=False)
-        parts = {"gate": stages["gate"], "topk": stages["select"], "up_down": stages["updown"]}
-    else:  # one fused launch: the gate GEMV of the row path reads the same W_gate
+        _, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch,
+                                         select_in_updown=False)
+        parts = {"gate": stages["gate"], "topk": stages["select"], "up_down": stages["updown"], "finish": stages["finish"]}
+    else:  # the gate, selection, up and down in one launch; the row path's gate GEMV reads the same W_gate
         row_module = layer.moc
         _, stages = kernel.decode_stages(x, wg, wu, row_module.decode_layout.w_down_t, k=K,
-                                         scratch=row_module.decode_layout.scratch, fuse_select=False)
+                                         scratch=row_module.decode_layout.scratch, select_in_updown=False)
         parts = {"gate": stages["gate"]}
     timed = {}
     for name, launch in parts.items():
         timed[name] = graphed_ms(launch)
+    # The gate launches timed alone added their counts to the histogram of the (shared) scratch
+    # without a finish to clear it: clear it, or the next call would select from stale counts.
+    torch.cuda.synchronize()
+    layer.moc.decode_layout.scratch.hist.zero_()
     if kind == "moc":
-        # the select and updown stages read scratch the gate stage wrote: run all once to leave it valid
-        for launch in parts.values():
-            launch()
         other = total_ms - sum(timed.values())
     else:
         timed["topk_up_down"] = total_ms - timed["gate"]
@@ -310,21 +326,23 @@ def check_model_float32(out: Recorder, prompt_len: int) -> bool:
     return out.check("correct/model/moc_float32_step_logits_vs_plain", err < 1e-4, rel_err=err, layers=4, batch=2)
 
 
-def bench_model(out: Recorder, prompt_len: int, new_tokens: int) -> None:
+def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: str) -> None:
     from moc_lightning.inference import DecodeStep, generate
     from moc_lightning.models import ModelConfig, MoCTransformer
     from moc_lightning.models.config import FFN_KEYS
 
     torch.manual_seed(0)
     prompt = torch.randint(0, 32000, (1, prompt_len), device="cuda")
-    for kind in ("swiglu", "moc"):
+    for kind, group in (("swiglu", None), ("moc", None), ("moc", "2:8")):
         # The 128-token prefill of MoC runs the plain PyTorch path (not timed on its own here).
-        ffn = {"kind": kind, "topk_backend": "torch", **({"moc_kernel": "torch"} if "moc_kernel" in FFN_KEYS else {})}
+        ffn = {"kind": kind, "topk_backend": "torch", **({"moc_kernel": "torch"} if "moc_kernel" in FFN_KEYS else {}),
+               **({"group": group} if group else {})}
         cfg = ModelConfig.from_preset("llama-1b", ffn=ffn, max_seq_len=prompt_len + new_tokens)
         with torch.device("cuda"):
             model = MoCTransformer(cfg).to(torch.bfloat16).eval()
         if kind == "moc":
             model.prepare_for_decode()
+        kind = kind if group is None else f"moc_{group}"
         ctx = dict(model="llama-1b", ffn=model.layers[0].mlp.cfg.label, weights="random", batch=1, prompt=prompt_len,
                    new_tokens=new_tokens, dtype="bfloat16")
         with torch.no_grad():
@@ -341,23 +359,34 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int) -> None:
                 # choice) and 24 random layers amplify that; the float32 check below is the strict one.
                 out.emit("model/moc/bf16_step_logits_rel_diff_vs_plain", rel_error(with_kernel.float(), plain.float()),
                          "rel", **ctx)
-            for graph in (False, True):
-                cache = model.new_cache(1, prompt_len + new_tokens)
-                logits = model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None],
-                                              torch.arange(prompt_len, device="cuda"))[:, -1]
-                step = DecodeStep(model, cache, cuda_graph=graph)
-                first = torch.full((1,), prompt_len, device="cuda")  # positions stay on the device: no sync
-                logits = step(logits.argmax(-1), first, prompt_len)  # the first step captures the graph
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for t in range(1, new_tokens):
-                    logits = step(logits.argmax(-1), first + t, prompt_len + t)
-                torch.cuda.synchronize()
-                elapsed = time.perf_counter() - t0
-                label = "cudagraph" if graph else "eager"
+            # eager launches; the eager step captured in a CUDA graph; torch.compile'd (inductor in
+            # compile_mode; MoC's kernel as its custom op) and then captured.
+            for label, graph, compiled in (("eager", False, False), ("cudagraph", True, False),
+                                           ("compiled_cudagraph", True, True)):
+                try:
+                    t_build = time.perf_counter()
+                    cache = model.new_cache(1, prompt_len + new_tokens)
+                    logits = model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None],
+                                                  torch.arange(prompt_len, device="cuda"))[:, -1]
+                    step = DecodeStep(model, cache, cuda_graph=graph, compile=compiled, compile_mode=compile_mode)
+                    first = torch.full((1,), prompt_len, device="cuda")  # positions stay on the device: no sync
+                    logits = step(logits.argmax(-1), first, prompt_len)  # the first step compiles / captures
+                    torch.cuda.synchronize()
+                    build_s = time.perf_counter() - t_build
+                    t0 = time.perf_counter()
+                    for t in range(1, new_tokens):
+                        logits = step(logits.argmax(-1), first + t, prompt_len + t)
+                    torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - t0
+                except Exception as exc:  # e.g. a compile failure: record it, time the rest
+                    traceback.print_exc()
+                    out.emit(f"model/{kind}/decode_{label}/error", 0.0, "error", error=repr(exc)[:300], **ctx)
+                    continue
                 out.emit(f"model/{kind}/decode_tokens_per_s_{label}", (new_tokens - 1) / elapsed, "tokens/s",
-                         ms_per_token=elapsed / (new_tokens - 1) * 1e3, **ctx)
+                         ms_per_token=elapsed / (new_tokens - 1) * 1e3, first_step_s=build_s, **ctx)
                 del step, cache
+                if compiled:
+                    continue
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 generate(model, prompt, max_new_tokens=new_tokens, cuda_graph=graph)
@@ -389,6 +418,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--compile-modes", default="max-autotune-no-cudagraphs,reduce-overhead",
                         help="torch.compile modes for the dense baseline (comma-separated; '' for none)")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model decode")
+    parser.add_argument("--model-compile-mode", default="default",
+                        help="torch.compile mode of the whole-model decode step (its GEMVs go to cuBLAS in any mode)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", help="also append the JSON lines to this file")
@@ -405,12 +436,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.sweep:
         section(out, "sweep", lambda: sweep(out, layer, batches, time.time() + args.sweep_seconds))
     modes = [m for m in args.compile_modes.split(",") if m]
-    section(out, "ffn", lambda: bench_ffn(out, layer, batches, modes))
+    ok &= section(out, "ffn", lambda: bench_ffn(out, layer, batches, modes))
     del layer
     torch.cuda.empty_cache()
     if not args.no_model:
         ok &= section(out, "model_check", lambda: check_model_float32(out, args.prompt))
-        section(out, "model", lambda: bench_model(out, args.prompt, args.new_tokens))
+        section(out, "model", lambda: bench_model(out, args.prompt, args.new_tokens, args.model_compile_mode))
     out.emit("wall_s", time.time() - start, "s", launch_configs={str(k): dataclasses.asdict(v) for k, v in kernel.LAUNCH_CONFIGS.items()},
              grouped_launch_configs={str(k): dataclasses.asdict(v) for k, v in kernel.GROUPED_LAUNCH_CONFIGS.items()})
     return 0 if ok else 1

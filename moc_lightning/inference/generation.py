@@ -9,7 +9,7 @@ row's real tokens, so a padded row decodes exactly as it would alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -87,13 +87,18 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: Optio
 
 
 class DecodeStep:
-    """One token per row through the model at a moving cache column, optionally as a CUDA graph.
+    """One token per row through the model at a moving cache column, optionally compiled with
+    torch.compile and/or captured as a CUDA graph.
 
     The inputs live in static buffers (ids, positions, slot) that `__call__` fills before running
     (or replaying) the step, so the captured graph reads each new token from the same addresses.
+    compile: False, True (inductor in `compile_mode`; no cudagraphs mode: the CUDA graph is ours)
+    or a torch.compile backend (name or callable). The step compiles as one graph (fullgraph): MoC layers reach their
+    kernel through a custom op.
     """
 
-    def __init__(self, model: MoCTransformer, cache: KVCache, cuda_graph: bool = False, warmup: int = 2):
+    def __init__(self, model: MoCTransformer, cache: KVCache, cuda_graph: bool = False, warmup: int = 2,
+                 compile: Union[bool, str, Callable] = False, compile_mode: str = "max-autotune-no-cudagraphs"):
         self.model, self.cache = model, cache
         device = cache.filled.device
         batch = cache.batch
@@ -107,9 +112,17 @@ class DecodeStep:
         self._warmup = warmup
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
+        self._step = self._eager_step
+        if compile:
+            backend = "inductor" if compile is True else compile
+            options = {"mode": compile_mode} if backend == "inductor" else {}
+            self._step = torch.compile(self._eager_step, backend=backend, fullgraph=True, dynamic=False, **options)
+
+    def _eager_step(self, ids, positions, slot, real) -> torch.Tensor:
+        return self.model.forward_cached(ids, self.cache, positions, slot, real)[:, -1]
 
     def _run(self) -> torch.Tensor:
-        return self.model.forward_cached(self.ids, self.cache, self.positions, self.slot, self.real)[:, -1]
+        return self._step(self.ids, self.positions, self.slot, self.real)
 
     def _capture(self) -> None:
         # Warm up on a side stream (kernels compile, allocator settles); each warm-up step writes
@@ -141,12 +154,13 @@ class DecodeStep:
 def generate(model: MoCTransformer, prompts: Prompts, *, max_new_tokens: int, lengths: Optional[Sequence[int]] = None,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, generator: Optional[torch.Generator] = None,
-             cuda_graph: bool = False) -> GenerationOutput:
+             cuda_graph: bool = False, compile: Union[bool, str, Callable] = False) -> GenerationOutput:
     """Continue each prompt by up to max_new_tokens tokens.
 
     prompts: token-id lists (any lengths), or a (batch, length) tensor (with `lengths` when its
     rows are right-padded). A row ends at its first stop token. cuda_graph captures the one-token
-    decode step once and replays it (CUDA only). MoC layers switched with
+    decode step once and replays it (CUDA only); compile runs it through torch.compile (see
+    `DecodeStep`). MoC layers switched with
     `model.prepare_for_decode()` run their decode kernel in the steps of 1..8 rows.
     """
     if max_new_tokens < 0:
@@ -164,7 +178,7 @@ def generate(model: MoCTransformer, prompts: Prompts, *, max_new_tokens: int, le
     try:
         cache = model.new_cache(batch, prompt_len + max_new_tokens)
         logits = model.forward_cached(ids, cache, positions, torch.arange(prompt_len, device=device), real)[:, -1]
-        step = DecodeStep(model, cache, cuda_graph=cuda_graph)
+        step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
         next_pos = positions[:, -1] + 1
         stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -6,25 +6,31 @@ down weights read from memory.
 Weights are channel-major: W_gate and W_up as nn.Linear holds them, (d_ffn, d) rows, and the
 down projection transposed once, W_down^T (d_ffn, d), so a kept channel's down row is contiguous.
 
-Row Top-K (k per token), two or three launches:
+Row Top-K (k per token), three or four launches, each program writing only its own outputs (no
+program waits on or reads what another wrote in the same launch, so there is nothing to race):
   1. `_gate_kernel`: G = x W_gate^T split over the channel blocks of many programs (all SMs), G
-     written as float32 (tokens x d_ffn, a few KB). With one token the last program to finish
-     (an atomic ticket) also runs the Top-K select; with more, step 2 does, one program a token.
+     written as float32 (tokens x d_ffn, a few KB), and a histogram of the rank keys' top bytes.
   2. `_select_kernel` (tokens > 1): a radix select per token finds the k-th largest rank key T and,
      where keys tie at T, the index up to which tied channels are kept, so exactly k are kept.
+     With one token this select runs inside every updown program instead (one launch less).
   3. `_updown_kernel`: each program takes a block of channels, keeps those any token selected (the
      union: each needed row is read once per step), computes z = SiLU(G) * (x . W_up[c]) for the
-     tokens that selected c and adds z * W_down^T[c] into a float32 accumulator with atomics. The
-     last program to finish (atomic ticket) casts the accumulator into the output and zeroes it,
-     so the scratch buffers are clean for the next call and no extra launch is needed.
+     tokens that selected c, and writes its partial sum of z * W_down^T[c] (float32, tokens x d).
+  4. `_finish_kernel`: adds the partials in a fixed order (the output is deterministic), casts to
+     the model's dtype, and zeroes the histogram for the next call.
 Grouped a:b Top-K needs no global select: `_updown_kernel` computes its block's G itself (blocks
-are whole groups) and ranks channels inside each group, so MoC_a:b is a single launch.
+are whole groups) and ranks channels inside each group, so MoC_a:b is two launches.
+
+An earlier version let the last program of a launch (an atomic ticket) finish the sum and clear
+the buffers; on an H100 it gave a wrong row in about 1 of 40 bf16 calls, a race this layout rules
+out by construction.
 
 Ranking follows `moc_lightning.ffn.topk`: pre_silu ranks by G, post_silu by |SiLU(G)|, with G first
 rounded to the model's dtype (as the plain path ranks bf16 G). With 16-bit dtypes and pre_silu the
 rank keys are the 16-bit patterns of G, otherwise 32-bit; ties at the threshold go to the lowest
-channel index. Scratch buffers (`DecodeScratch`) are allocated once and reused, so a decode step
-can be captured in a CUDA graph; they serve one stream at a time.
+channel index. Scratch buffers (`DecodeScratch`, one per shape and device shared by all layers)
+are allocated once and reused, so a decode step can be captured in a CUDA graph; they serve one
+stream at a time.
 
 The module imports without triton; kernels are JIT-decorated on first use, in the mode in force
 then (compiled, or TRITON_INTERPRET=1 for CPU tests).
@@ -97,24 +103,21 @@ def _rank_key(score, ROUND: tl.constexpr, KEY16: tl.constexpr):
     return key
 
 
-def _select_row(g_row_ptr, hist_row_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
-                POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """Threshold of one token's Top-K: the k-th largest key T (stored at thr_ptr), and the channel
-    index up to which channels whose key equals T are kept (cut_ptr), so that exactly K are kept.
+def _row_threshold(g_row_ptr, hist_row_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
+                   POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Threshold of one token's Top-K: the k-th largest key T, and the channel index up to which
+    channels whose key equals T are kept, so that exactly K are kept. Returns (T, cut).
 
     T's top byte comes from the histogram of key top bytes the gate kernel's programs built with
-    atomics (zeroed here for the next call); only the lower bits are searched, a CTA-wide count
-    per RADIX_BITS round."""
+    atomics (in an earlier launch; `_finish_kernel` zeroes it); only the lower bits are searched, a
+    CTA-wide count per RADIX_BITS round."""
     offs = tl.arange(0, N_PAD)
     ok = offs < F
-    # .cg: other programs wrote G in this launch; read it from L2, never from a stale L1 line.
-    g = tl.load(g_row_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
     key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
     KEY_BITS: tl.constexpr = 16 if KEY16 else 32
     bins = tl.arange(0, 256)
-    hist = tl.load(hist_row_ptr + bins, cache_modifier=".cg")
-    tl.debug_barrier()  # every thread has read the histogram before it is cleared
-    tl.store(hist_row_ptr + bins, tl.zeros_like(hist))
+    hist = tl.load(hist_row_ptr + bins)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
     top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
     # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
@@ -134,8 +137,7 @@ def _select_row(g_row_ptr, hist_row_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.const
     if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
         rank = tl.cumsum(tied.to(tl.int32), axis=0)
         cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
-    tl.store(thr_ptr, thr.to(tl.int64))
-    tl.store(cut_ptr, cut)
+    return thr, cut
 
 
 def _x_dot_tile(xv, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
@@ -180,29 +182,28 @@ def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, D, T: tl.constexpr, R
     return acc
 
 
-# The atomic adds into the accumulator and the histogram are acq_rel: the last program reads them
-# after taking its ticket, so each add must be visible GPU-wide before its program's ticket. With
-# "relaxed" adds (only a barrier before the acq_rel ticket) one H100 run got a wrong sum in 1 of 40
-# bf16 calls; acq_rel passed every check (.bench-raw/decode-1.jsonl).
-
-
-def _add_down_rows(z, wdt_ptr, acc_ptr, rows, row_ok, tok, tok_ok, D, T: tl.constexpr,
+def _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T: tl.constexpr,
                    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """acc[tok[t]] += sum_r z[t, r] * wdt[rows[r]] (atomic float32 adds; z is (T, R))."""
+    """part[tok[t]] (+)= sum_r z[t, r] * wdt[rows[r]]: the program's own partial (no other program
+    touches it), written on its first slot round (first == 0) and added to on later ones."""
     row_base = rows.to(tl.int64) * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         w = tl.load(wdt_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        tl.atomic_add(acc_ptr + tok[:, None] * D + cols[None, :], _z_dot_tile(z, w, T, USE_DOT, IEEE),
-                      mask=tok_ok[:, None] & col_ok[None, :], sem="acq_rel")
+        at = part + tok[:, None] * D + cols[None, :]
+        ok = tok_ok[:, None] & col_ok[None, :]
+        prev = tl.load(at, mask=ok & (first > 0), other=0.0)
+        tl.store(at, prev + _z_dot_tile(z, w, T, USE_DOT, IEEE), mask=ok)
+    tl.debug_barrier()  # the next round reads what this one wrote
 
 
-def _updown_rows(x_ptr, wu_ptr, wdt_ptr, acc_ptr, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
+def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, USE_DOT: tl.constexpr,
                  IEEE: tl.constexpr):
-    """acc += (SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows], for R rows (g, sel: (T, R))."""
-    if SINGLE:  # the whole width in one tile: both rows requested before any math (one round trip)
+    """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
+    to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
+    if SINGLE:  # both rows requested before any math (one round trip)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         row_base = rows.to(tl.int64) * D
@@ -211,24 +212,21 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, acc_ptr, rows, row_ok, g, sel, tok, tok
         wd = tl.load(wdt_ptr + row_base[:, None] + cols[None, :], mask=mask, other=0.0)
         xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
         z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
-        tl.atomic_add(acc_ptr + tok[:, None] * D + cols[None, :], _z_dot_tile(z, wd, T, USE_DOT, IEEE),
-                      mask=tok_ok[:, None] & col_ok[None, :], sem="acq_rel")
+        acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
     else:
         u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, D, T, R, BLOCK_D, USE_DOT, IEEE)
         z = tl.where(sel, g * tl.sigmoid(g) * u, 0.0)
-        _add_down_rows(z, wdt_ptr, acc_ptr, rows, row_ok, tok, tok_ok, D, T, BLOCK_D, USE_DOT, IEEE)
+        _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T, BLOCK_D, USE_DOT, IEEE)
+    return acc
 
 
-# --- kernels -----------------------------------------------------------------------------------
 
 
-def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, counter_ptr, D, F, K, B,
+def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, D, F, B,
                  T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, FUSE_SELECT: tl.constexpr,
-                 N_PAD: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr,
-                 RADIX_BITS: tl.constexpr):
-    """G for BLOCK_C channels and all tokens; with FUSE_SELECT (one token) the last program to
-    finish also selects that token's Top-K threshold."""
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr,
+                 KEY16: tl.constexpr):
+    """G for BLOCK_C channels and all tokens, and their counts in the histogram of key top bytes."""
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < F
     tok = tl.arange(0, T)
@@ -236,33 +234,29 @@ def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, counter_ptr, 
     g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE)
     valid = tok_ok[:, None] & ch_ok[None, :]
     tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
-    # The select's first step, spread over all programs: a histogram of the keys' top bytes.
+    # The select's first step, spread over all programs. Relaxed adds: only later launches read it.
     KEY_BITS: tl.constexpr = 16 if KEY16 else 32
     top = (_rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16) >> (KEY_BITS - 8)).to(tl.int32)
-    tl.atomic_add(hist_ptr + tok[:, None] * 256 + top, 1, mask=valid, sem="acq_rel")
-    if FUSE_SELECT:
-        tl.debug_barrier()  # every thread's G and counts are out before the ticket (a release) is taken
-        ticket = tl.atomic_add(counter_ptr, 1)
-        if ticket == tl.num_programs(0) - 1:
-            _select_row(g_ptr, hist_ptr, thr_ptr, cut_ptr, F, K, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
-            tl.store(counter_ptr, 0)
+    tl.atomic_add(hist_ptr + tok[:, None] * 256 + top, 1, mask=valid, sem="relaxed")
 
 
 def _select_kernel(g_ptr, hist_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
     t = tl.program_id(0)
-    _select_row(g_ptr + t * F, hist_ptr + t * 256, thr_ptr + t, cut_ptr + t, F, K, N_PAD, ROUND, POST_SILU, KEY16,
-                RADIX_BITS)
+    thr, cut = _row_threshold(g_ptr + t * F, hist_ptr + t * 256, F, K, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+    tl.store(thr_ptr + t, thr.to(tl.int64))
+    tl.store(cut_ptr + t, cut)
 
 
-def _updown_kernel(x_ptr, wg_ptr, g_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, acc_ptr, out_ptr, counter_ptr,
-                   D, F, GROUP_A, GROUP_B, B,
-                   T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FINAL_D: tl.constexpr,
+def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
+                   D, F, K, GROUP_A, GROUP_B, B, MAXR,
+                   T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
+                   SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr):
-    """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), acc += z * W_down^T[c]; the
-    last program casts acc into out and zeroes acc (and the ticket) for the next call."""
+    """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
+    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them."""
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
     tok_ok = tok < B
@@ -285,12 +279,19 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, acc_
         ch_ok = ch < F
         g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
-        thr = tl.load(thr_ptr + tok, mask=tok_ok, other=0)
-        cut = tl.load(cut_ptr + tok, mask=tok_ok, other=0)
+        if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
+            thr_1, cut_1 = _row_threshold(g_ptr, hist_ptr, F, K, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+            thr = tl.zeros((T,), dtype=tl.int64) + thr_1
+            cut = tl.zeros((T,), dtype=tl.int32) + cut_1
+        else:
+            thr = tl.load(thr_ptr + tok, mask=tok_ok, other=0)
+            cut = tl.load(cut_ptr + tok, mask=tok_ok, other=0)
         sel = (key > thr[:, None]) | ((key == thr[:, None]) & (ch[None, :] <= cut[:, None]))
         sel = sel & ch_ok[None, :] & tok_ok[:, None]
     needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
     n_needed = tl.sum(needed.to(tl.int32), axis=0)
+    part = part_ptr + tl.program_id(0).to(tl.int64) * MAXR * D
+    acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
     # Compact the needed rows into slots of R, so every load the program issues is a kept row
     # (masked-off rows would leave the memory system idle while the tile is computed).
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
@@ -300,24 +301,41 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, acc_
         rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
         g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
         sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
-        _updown_rows(x_ptr, wu_ptr, wdt_ptr, acc_ptr, rows, want < n_needed, g_r, sel_r, tok, tok_ok, D, T, R,
-                     BLOCK_D, SINGLE, USE_DOT, IEEE)
-    tl.debug_barrier()  # every thread's atomics are issued before the ticket (a release) is taken
-    ticket = tl.atomic_add(counter_ptr, 1)
-    if ticket == tl.num_programs(0) - 1:
-        for d0 in range(0, D, FINAL_D):  # wide chunks: this tail is latency, not bandwidth
-            cols = d0 + tl.arange(0, FINAL_D)
-            at = tok[:, None] * D + cols[None, :]
-            ok = tok_ok[:, None] & (cols < D)[None, :]
-            total = tl.load(acc_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
-            tl.store(acc_ptr + at, tl.zeros_like(total), mask=ok)
-        tl.store(counter_ptr, 0)
+        acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok, tok_ok,
+                           D, T, R, BLOCK_D, SINGLE, USE_DOT, IEEE)
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_D)
+        tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
+    else:
+        if n_needed == 0:  # no kept row here: the partial is zero
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
+
+
+def _finish_kernel(part_ptr, out_ptr, hist_ptr, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   CLEAR_HIST: tl.constexpr):
+    """out[t, cols] = the sum of the updown programs' partials, in a fixed order (deterministic);
+    also zeroes token t's histogram for the next call."""
+    t = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for p0 in range(0, P, P_BLOCK):  # a whole (P_BLOCK, BLOCK_D) tile a round: loads in flight together
+        ps = p0 + tl.arange(0, P_BLOCK)
+        tile = tl.load(part_ptr + ps.to(tl.int64)[:, None] * MAXR * D + t * D + cols[None, :],
+                       mask=(ps < P)[:, None] & col_ok[None, :], other=0.0)
+        total += tl.sum(tile, axis=0)
+    tl.store(out_ptr + t * D + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+    if CLEAR_HIST:
+        if tl.program_id(0) == 0:
+            bins = tl.arange(0, 256)
+            tl.store(hist_ptr + t * 256 + bins, tl.zeros((256,), dtype=tl.int32))
 
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_rank_score, _rank_key, _select_row, _x_dot_tile, _z_dot_tile,
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_rank_score, _rank_key, _row_threshold, _x_dot_tile, _z_dot_tile,
                                                  _rows_times_x, _add_down_rows, _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
@@ -340,33 +358,41 @@ def _kernel(fn):
 
 @dataclass
 class LaunchConfig:
-    """Block sizes and warps of the three kernels; `launch_config` picks them per batch size."""
+    """Block sizes and warps of the kernels; `launch_config` picks them per batch size."""
 
     gate_block_c: int = 16
     gate_block_d: int = 512
     gate_warps: int = 4
-    updown_block_c: int = 32
+    updown_block_c: int = 32  # at least 16 (the partials buffer is sized for that)
     updown_block_d: int = 256
     updown_warps: int = 4
     updown_rows: int = 8  # kept rows a program loads at once (16 at least with use_dot)
     select_warps: int = 8
     radix_bits: int = 1
     use_dot: bool = False
-    # One token: the gate kernel's last program runs the select (one launch less, but the select's
-    # registers then bound the whole gate kernel's occupancy); False launches `_select_kernel`.
-    fuse_select: bool = False
+    # One token: every updown program finds the threshold itself from G and the histogram (one
+    # launch less, paid with the select's work repeated in each program); False launches
+    # `_select_kernel` first. Several tokens always launch it.
+    select_in_updown: bool = True
+    finish_block_d: int = 32
+    finish_warps: int = 4
+
+    def __post_init__(self):
+        if self.updown_block_c < 16:
+            raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
 # the updown fields). The benchmark (`moc_lightning.bench.decode --sweep`) measures alternatives.
+# Batch 1's entries are the fastest of `--sweep` on an H100 (2026-11-25, BENCHMARKS.md).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(updown_block_d=2048, updown_warps=8, updown_rows=4),
+    1: LaunchConfig(updown_block_c=64, updown_block_d=2048, updown_warps=8, updown_rows=8),
     2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(updown_block_c=64, updown_block_d=2048, updown_warps=8, updown_rows=16),
+    1: LaunchConfig(gate_block_d=1024, updown_block_c=64, updown_block_d=2048, updown_warps=8, updown_rows=16),
     2: LaunchConfig(updown_block_d=128, use_dot=True),
     4: LaunchConfig(updown_block_d=128, use_dot=True),
     8: LaunchConfig(updown_block_d=128, use_dot=True),
@@ -379,9 +405,9 @@ def launch_config(rows: int, grouped: bool = False) -> LaunchConfig:
 
 
 class DecodeScratch:
-    """Buffers a decode step reuses: G, the histogram of its key top bytes, the per-token thresholds,
-    the float32 accumulator and the two atomic tickets. The kernels leave the histogram, the
-    accumulator and the tickets zeroed when they end."""
+    """Buffers a decode step reuses: G, the histogram of its key top bytes, the per-token
+    thresholds, and one float32 partial output per updown program. The histogram is the only one
+    carried between calls, and `_finish_kernel` leaves it zeroed."""
 
     def __init__(self, d_model: int, d_ffn: int, device: torch.device, max_rows: int = MAX_ROWS):
         self.d_model, self.d_ffn, self.max_rows = d_model, d_ffn, max_rows
@@ -389,12 +415,29 @@ class DecodeScratch:
         self.hist = torch.zeros(max_rows, 256, dtype=torch.int32, device=device)
         self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
-        self.acc = torch.zeros(max_rows, d_model, dtype=torch.float32, device=device)
-        self.tickets = torch.zeros(2, dtype=torch.int32, device=device)
+        # A block of at least 16 lanes holds at least 8 channels (a:b groups: b just above a power
+        # of two fills a little over half its lanes), hence at most this many updown programs.
+        self.max_programs = -(-d_ffn // 8) + 1
+        self.part = torch.empty(self.max_programs, max_rows, d_model, dtype=torch.float32, device=device)
 
     @property
     def device(self) -> torch.device:
         return self.g.device
+
+
+_SHARED: dict[tuple, DecodeScratch] = {}
+
+
+def shared_scratch(d_model: int, d_ffn: int, device: torch.device) -> DecodeScratch:
+    """One scratch per (shape, device), shared by all layers of that shape: layers run one after
+    another on one stream, and nothing but the (zeroed) histogram outlives a call."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (d_model, d_ffn, str(device))
+    if key not in _SHARED:
+        _SHARED[key] = DecodeScratch(d_model, d_ffn, device)
+    return _SHARED[key]
 
 
 def _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch):
@@ -430,11 +473,12 @@ def _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch):
 def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, *,
                   k: int, group: Optional[tuple[int, int]] = None, placement: str = "pre_silu",
                   scratch: DecodeScratch, config: Optional[LaunchConfig] = None,
-                  fuse_select: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
-    """The output tensor and the launches that fill it, by name, in order: 'gate' (G; with one
-    token also the fused select), 'select' (row Top-K of several tokens, or of one token when the
-    select is not fused), 'updown' (a:b groups: everything). Running them in order is `moc_decode`;
-    the benchmark times them one by one. fuse_select overrides the config's choice."""
+                  select_in_updown: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
+    """The output tensor and the launches that fill it, by name, in order: 'gate' (G and the
+    histogram), 'select' (row Top-K thresholds, one program a token; not launched for one token
+    when the updown programs select themselves), 'updown' (a:b groups: the gate and selection
+    too), 'finish' (the partials summed into the output). Running them in order is `moc_decode`;
+    the benchmark times them one by one. select_in_updown overrides the config's choice."""
     _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch)
     x = x.contiguous()
     rows, d_model = x.shape
@@ -449,15 +493,15 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     s = scratch
     out = torch.empty_like(x)
     stages: dict[str, Callable[[], None]] = {}
+    n_pad = triton.next_power_of_2(d_ffn)
+    select_here = False
     if group is None:
-        n_pad = triton.next_power_of_2(d_ffn)
-        fuse = rows == 1 and (cfg.fuse_select if fuse_select is None else fuse_select)
+        select_here = rows == 1 and (cfg.select_in_updown if select_in_updown is None else select_in_updown)
         gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
         stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
-            x, w_gate, s.g, s.hist, s.thr, s.cut, s.tickets[0:], d_model, d_ffn, k, rows,
-            BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d, FUSE_SELECT=fuse, N_PAD=n_pad,
-            RADIX_BITS=cfg.radix_bits, num_warps=cfg.gate_warps, **common, **rank)
-        if not fuse:
+            x, w_gate, s.g, s.hist, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
+            num_warps=cfg.gate_warps, **common, **rank)
+        if not select_here:
             stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
                 s.g, s.hist, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.select_warps,
                 **rank)
@@ -468,12 +512,18 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         group_p2 = triton.next_power_of_2(group_b)
         block_c = max(cfg.updown_block_c, group_p2)
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
+    if grid > s.max_programs:
+        raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
-        x, w_gate, s.g, s.thr, s.cut, w_up, w_down_t, s.acc, out, s.tickets[1:], d_model, d_ffn, group_a, group_b, rows,
-        BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
-        R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d,
-        FINAL_D=min(triton.next_power_of_2(d_model), max(cfg.updown_block_d, 16 * 128 * cfg.updown_warps // tokens)),
-        num_warps=cfg.updown_warps, **common, **rank)
+        x, w_gate, s.g, s.hist, s.thr, s.cut, w_up, w_down_t, s.part, d_model, d_ffn, k, group_a, group_b, rows,
+        s.max_rows, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
+        R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
+        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank)
+    finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
+    p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
+    stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
+        s.part, out, s.hist, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
+        CLEAR_HIST=group is None, num_warps=cfg.finish_warps)
     return out, stages
 
 
