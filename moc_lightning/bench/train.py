@@ -285,11 +285,11 @@ def micro() -> None:
 # --- (c) training step, (d) largest batch ------------------------------------------------------------
 
 
-def _model(preset: str, ffn: dict):
+def _model(preset: str, ffn: dict, loss_chunk_tokens: int = 0):
     from moc_lightning.models import ModelConfig, MoCTransformer
 
     torch.manual_seed(0)
-    model = MoCTransformer(ModelConfig.from_preset(preset, ffn=ffn)).cuda()
+    model = MoCTransformer(ModelConfig.from_preset(preset, ffn=ffn, loss_chunk_tokens=loss_chunk_tokens)).cuda()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
@@ -305,10 +305,10 @@ def _train_step(model, opt, ids, micro_batches: int = 1) -> None:
 STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"})]
 
 
-def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6) -> None:
+def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
     for label, ffn in STEP_FFNS:
-        model, opt = _model("llama-350m", ffn)
+        model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1
         while True:
@@ -333,15 +333,17 @@ def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6) -> None:
         peak = torch.cuda.max_memory_allocated() / 1e9
         results[label] = (bsz * seq / seconds, peak)
         context = dict(model="llama-350m", ffn=label, bsz=bsz, seq=seq, micro_batches=micro_batches, steps=steps,
-                       precision="bf16 autocast, fp32 weights, fused AdamW")
+                       precision="bf16 autocast, fp32 weights, fused AdamW", loss_chunk_tokens=loss_chunk_tokens)
         emit(BENCH, "step_tokens_per_s", bsz * seq / seconds, "tokens/s", **context)
         emit(BENCH, "step_peak_memory", peak, "GB", **context)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
     for label, (tps, peak) in results.items():
-        emit(BENCH, "step_tokens_per_s_vs_dense", tps / results["swiglu"][0], "x", model="llama-350m", ffn=label)
-        emit(BENCH, "step_peak_memory_vs_dense", peak / results["swiglu"][1], "x", model="llama-350m", ffn=label)
+        emit(BENCH, "step_tokens_per_s_vs_dense", tps / results["swiglu"][0], "x", model="llama-350m", ffn=label,
+             loss_chunk_tokens=loss_chunk_tokens)
+        emit(BENCH, "step_peak_memory_vs_dense", peak / results["swiglu"][1], "x", model="llama-350m", ffn=label,
+             loss_chunk_tokens=loss_chunk_tokens)
 
 
 def _fits(model, opt, bsz: int, seq: int) -> bool:
@@ -359,10 +361,10 @@ def _fits(model, opt, bsz: int, seq: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def bench_max_batch(seq: int = 256, step: int = 8, budget_s: float = 100.0) -> None:
+def bench_max_batch(seq: int = 256, step: int = 8, budget_s: float = 100.0, loss_chunk_tokens: int = 0) -> None:
     results = {}
     for label, ffn in STEP_FFNS[:2]:
-        model, opt = _model("llama-1b", ffn)
+        model, opt = _model("llama-1b", ffn, loss_chunk_tokens)
         start, probes = time.perf_counter(), 0
         lo, hi = 0, None  # lo fits; hi does not
         bsz = 32
@@ -382,12 +384,13 @@ def bench_max_batch(seq: int = 256, step: int = 8, budget_s: float = 100.0) -> N
         results[label] = lo
         emit(BENCH, "max_batch", lo, "sequences", model="llama-1b", ffn=label, seq=seq, resolution=step,
              first_oom=hi, probes=probes, seconds=time.perf_counter() - start,
-             precision="bf16 autocast, fp32 weights, fused AdamW")
+             precision="bf16 autocast, fp32 weights, fused AdamW", loss_chunk_tokens=loss_chunk_tokens)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
     if results.get("swiglu"):
-        emit(BENCH, "max_batch_vs_dense", results["moc_k512"] / results["swiglu"], "x", model="llama-1b")
+        emit(BENCH, "max_batch_vs_dense", results["moc_k512"] / results["swiglu"], "x", model="llama-1b",
+             loss_chunk_tokens=loss_chunk_tokens)
 
 
 PARTS = {"check": check_correctness, "ffn": bench_ffn, "step": bench_step, "maxbatch": bench_max_batch,
@@ -398,6 +401,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="check,ffn,step,maxbatch", help="comma-separated parts to run")
     parser.add_argument("--extra", default="", help="extra parts: profile, micro")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=0, metavar="N",
+                        help="step and maxbatch: ModelConfig.loss_chunk_tokens (0: the loss from the whole logits)")
     args = parser.parse_args(argv)
     parts = [p for p in (args.only + "," + args.extra).split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -410,7 +415,8 @@ def main(argv=None) -> int:
     ok = True
     for part in parts:
         start = time.perf_counter()
-        result = PARTS[part]()
+        kwargs = {"loss_chunk_tokens": args.loss_chunk_tokens} if part in ("step", "maxbatch") else {}
+        result = PARTS[part](**kwargs)
         ok &= result is not False
         emit(BENCH, "part_seconds", time.perf_counter() - start, "s", part=part)
     return 0 if ok else 1

@@ -88,6 +88,15 @@ def _given(section: dict) -> dict:
     return {k: v for k, v in section.items() if v is not None}
 
 
+def _without_unset(value):
+    """`_given` at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_unset(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_unset(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """The resolved job: every section built into its validated dataclass."""
@@ -104,8 +113,9 @@ class JobConfig:
 
     @property
     def fingerprint(self) -> str:
-        """Eight hex digits naming this exact config: the same command finds the same run."""
-        return hashlib.sha1(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        """Eight hex digits naming this exact config: the same command finds the same run. Settings
+        left unset (None) are not hashed, so a new optional setting keeps existing runs' names."""
+        return hashlib.sha1(json.dumps(_without_unset(self.raw), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     @property
     def run_name(self) -> str:

@@ -59,6 +59,8 @@ class ModelConfig:
     max_seq_len the training sequence length; RoPE tables are built for it and grown on demand.
     ffn         FFNConfig fields (not d_model / d_ffn) shared by all layers, e.g. {'kind': 'moc'}.
     ffn_overrides  {layer index: FFN fields} replacing `ffn`'s values at that layer only.
+    loss_chunk_tokens  0: the loss from the whole logits; N > 0: N tokens at a time, never holding
+                the (tokens, vocab) logits (forward then returns logits=None when given labels).
     """
 
     name: str = "custom"
@@ -74,6 +76,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "sdpa"
     tie_embeddings: bool = False
+    loss_chunk_tokens: int = 0
     ffn: dict = field(default_factory=lambda: {"kind": "swiglu"})
     ffn_overrides: dict = field(default_factory=dict)
 
@@ -95,6 +98,9 @@ class ModelConfig:
             raise _refuse("attention", self.attention, f"expected one of {', '.join(ATTENTIONS)}")
         if not isinstance(self.tie_embeddings, bool):
             raise _refuse("tie_embeddings", self.tie_embeddings, "expected true or false")
+        if not _is_int(self.loss_chunk_tokens) or self.loss_chunk_tokens < 0:
+            raise _refuse("loss_chunk_tokens", self.loss_chunk_tokens,
+                          "expected an integer >= 0 (0: the whole logits at once; N: the loss N tokens at a time)")
         if self.d_model % self.n_heads:
             raise _refuse("n_heads", self.n_heads, f"must divide d_model = {self.d_model}")
         if self.n_heads % self.n_kv_heads:

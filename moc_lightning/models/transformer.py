@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moc_lightning.ffn import build_ffn
+from moc_lightning.models.chunked_loss import chunked_lm_head_loss
 from moc_lightning.models.config import ModelConfig
 from moc_lightning.models.kv_cache import KVCache
 
 
 class CausalLMOutput(NamedTuple):
-    logits: torch.Tensor  # (batch, seq, vocab)
+    logits: Optional[torch.Tensor]  # (batch, seq, vocab); None when the loss was computed in chunks
     loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy, float32, when labels given
 
 
@@ -149,6 +150,22 @@ class CacheStep(NamedTuple):
     mask: torch.Tensor  # (batch, 1, new tokens, max_len) bool attention mask
 
 
+class LMHead(nn.Linear):
+    """The output projection d_model -> vocab. Called with labels it returns the loss instead,
+    computed `chunk_tokens` rows at a time without the logits (see chunked_loss). Going through
+    the module call, rather than taking its weight, keeps what the loss saves under lm_head's
+    name for the activation-memory hooks (moc_lightning.profiling)."""
+
+    def __init__(self, d_model: int, vocab_size: int, chunk_tokens: int = 0):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return chunked_lm_head_loss(h, self.weight, labels, self.chunk_tokens)
+
+
 class MoCTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,7 +173,7 @@ class MoCTransformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_chunk_tokens)
         self.rotary = RotaryTables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
         if cfg.tie_embeddings:  # one matrix both reads tokens in and scores them out
@@ -177,11 +194,17 @@ class MoCTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids (batch, seq) -> logits (batch, seq, vocab); with labels (batch, seq), also the
-        loss of predicting token t+1 from tokens <= t (labels equal to -100 are ignored)."""
+        loss of predicting token t+1 from tokens <= t (labels equal to -100 are ignored).
+        With labels and cfg.loss_chunk_tokens > 0, the loss only: logits is None."""
         cos, sin = self.rotary(input_ids.shape[1], input_ids.device)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        if labels is not None and self.cfg.loss_chunk_tokens:
+            # Shift the labels rather than the states: each row's last position gets -100, so the
+            # flattened states stay a view of the norm's output instead of a (tokens, d) copy.
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+            return CausalLMOutput(None, self.lm_head(self.norm(x).flatten(0, 1), shifted.flatten()))
         logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:

@@ -57,7 +57,8 @@ def model_activation_bytes(
 ) -> dict[str, int]:
     """Section 2's breakdown for a whole model: attention 5bsd (with GQA, K and V are narrower),
     FFN per layer and kind, RMSNorm 2bsd and residual 2bsd per layer, and the LM head (its input
-    and the float32 logits the loss keeps)."""
+    and the float32 logits the loss keeps or, with cfg.loss_chunk_tokens, the float32 log-sum-exp
+    and the int64 shifted label of each token instead)."""
     tokens, v, d = batch * seq_len, _itemsize(dtype), cfg.d_model
     kv = cfg.n_kv_heads * cfg.head_dim
     per_layer_attention = tokens * (3 * d + 2 * kv) * v  # Q, A, O and K, V
@@ -67,5 +68,5 @@ def model_activation_bytes(
         "ffn": ffn,
         "rmsnorm": cfg.n_layers * 2 * tokens * d * v,
         "residual": cfg.n_layers * 2 * tokens * d * v,
-        "lm_head": tokens * d * v + tokens * cfg.vocab_size * 4,
+        "lm_head": tokens * d * v + tokens * (4 + 8 if cfg.loss_chunk_tokens else cfg.vocab_size * 4),
     }
