@@ -55,7 +55,8 @@ def test_generated_text_is_the_models_greedy_continuation(run_dir, monkeypatch):
     ids = tokenizer.encode("Once upon")[:-1]
     expected = tokenizer.decode(generate(model, [ids], max_new_tokens=5, stop_tokens=[tokenizer.eos_id]).tokens[0])
     args = argparse.Namespace(checkpoint=str(run_dir), prompt="Once upon", max_new_tokens=5, greedy=True,
-                              temperature=1.0, top_p=1.0, seed=0, device="cpu", tokenizer=None, decode_kernel=False)
+                              temperature=1.0, top_p=1.0, seed=0, device="cpu", tokenizer=None, decode_kernel=True,
+                              cuda_graph=False)
     assert cli.run_generate(args) == expected
 
 
@@ -67,6 +68,7 @@ def test_generated_text_is_the_models_greedy_continuation(run_dir, monkeypatch):
         (["{tmp}/bad.ckpt"], ["cannot read the checkpoint", "bad.ckpt"]),
         (["{run}", "--top-p", "0"], ["--top-p"]),
         (["{run}", "--temperature", "0"], ["--temperature"]),
+        (["{run}", "--cuda-graph", "--device", "cpu"], ["--cuda-graph needs a CUDA device", "cpu"]),
     ],
 )
 def test_errors_are_one_clear_paragraph(run_dir, tmp_path, capsys, args, words):

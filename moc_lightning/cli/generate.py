@@ -39,10 +39,10 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:i]")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the one the run recorded")
-    # Opt-in: on the H100 a bf16 check of the kernel (40 calls of batch 1..8 in a row) fails with an
-    # error that moves between runs, a race (BENCHMARKS.md), so the plain PyTorch path stays the default.
-    parser.add_argument("--decode-kernel", action="store_true",
-                        help="on CUDA, run MoC layers through the Triton decode kernel (experimental)")
+    parser.add_argument("--decode-kernel", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, run MoC layers through the Triton decode kernel (default on; "
+                             "--no-decode-kernel for the plain PyTorch path)")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph (CUDA only)")
     return parser
 
 
@@ -137,6 +137,8 @@ def run_generate(args: argparse.Namespace) -> str:
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     device = _device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, and this run is on {device}")
     model.to(device).eval()
     if args.decode_kernel and device.type == "cuda":
         model.prepare_for_decode()
@@ -145,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> str:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                    temperature=args.temperature, top_p=args.top_p, stop_tokens=[tokenizer.eos_id],
-                   generator=generator)
+                   generator=generator, cuda_graph=args.cuda_graph)
     text = tokenizer.decode(out.tokens[0])
     print(text)
     sys.stdout.flush()
