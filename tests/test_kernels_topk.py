@@ -105,6 +105,30 @@ def test_row_topk_launch_overrides_keep_results(interpret, segs, warps, split, i
     assert_row_topk(scores, idx, 20)
 
 
+@pytest.mark.parametrize("width,k", [(38, 5), (70, 70), (2736, 512)])
+def test_bf16_word_kernel_keeps_the_first_equal_channels_like_the_float_kernel(interpret, width, k):
+    """Two keys per int32 word (the sm_90 bf16x2 compare, here its float32 stand-in): the same
+    channels as the float32 kernel, and among equal scores the lowest channels, as a stable sort."""
+    scores = random_scores(5, width, torch.bfloat16, ties=True)
+    scores[1, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0])
+    packed = topk_triton.row_topk(scores, k, packed=True)
+    assert_row_topk(scores, packed, k)
+    assert torch.equal(packed.sort(dim=1).values, topk_triton.row_topk(scores, k, packed=False).sort(dim=1).values)
+    stable = torch.argsort(scores.double(), dim=1, descending=True, stable=True)[:, :k]
+    assert torch.equal(packed.sort(dim=1).values, stable.sort(dim=1).values)
+
+
+def test_bf16_word_kernel_takes_even_widths_and_strides_only(interpret):
+    scores = torch.randn(4, 37).bfloat16()
+    assert topk_triton.bf16_words(scores) is None and topk_triton.bf16_words(scores.float()) is None
+    with pytest.raises(ValueError, match="packed=True takes bf16 rows of an even width"):
+        topk_triton.row_topk(scores, 3, packed=True)
+    assert_row_topk(scores, topk_triton.row_topk(scores, 3), 3)  # the float32 kernel instead
+    wide = torch.randn(4, 41).bfloat16()
+    assert topk_triton.bf16_words(wide[:, 1:]) is None  # odd offset: no int32 view
+    assert_row_topk(wide[:, 1:], topk_triton.row_topk(wide[:, 1:], 7), 7)
+
+
 def test_row_topk_takes_strided_rows(interpret):
     scores = torch.randn(6, 90)[:, 5:80]
     assert_row_topk(scores, topk_triton.row_topk(scores, 11), 11)

@@ -14,6 +14,9 @@ Two ways to know which channels are kept:
 - any indices (row Top-K from a Top-K backend): the kernels gather at the indices and scatter into
   dense rows they first zero (a CTA barrier orders the zeros before the scattered values, so the
   rows reach memory once, as whole lines);
+- bf16 row Top-K by G (pre-SiLU placement, the Triton Top-K backend): the selection runs in the
+  forward kernel itself (moc_lightning.kernels.topk_triton.row_select_forward), which writes Z'
+  as whole rows and the compact tensors in channel order;
 - grouped a:b Top-K with b a power of two up to 64: a tile holds whole groups, so the forward
   kernel selects the a best of each group itself (a rounds of argmax), stores group j's picks at
   compact slots [j*a, j*a + a), and every dense tile, forward and backward, is written whole and
@@ -304,6 +307,25 @@ def scatter_forward(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, index_d
             _rows_grid(rows), g, u, idx, z_dense, ix, gs, us, ss, zs, rows, width, kept,
             g.stride(0), u.stride(0), idx.stride(0), z_dense.stride(0), kept, STORE_SZ=store_sz)
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
+
+
+def row_fusable(g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether `row_forward` takes these G and U: bf16 words of two channels (see
+    topk_triton.bf16_words), at most topk_triton.MAX_BLOCK channels."""
+    from moc_lightning.kernels import topk_triton
+
+    return (topk_triton.bf16_words(g) is not None and topk_triton.bf16_words(u) is not None
+            and g.shape == u.shape and g.shape[1] <= topk_triton.MAX_BLOCK)
+
+
+def row_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool) -> ForwardPack:
+    """Row Top-K of G and the forward in one kernel (topk_triton.row_select_forward): G is read
+    once, Z' is written as whole rows, and no index tensor goes through memory in between;
+    compact tensors in channel order."""
+    require(g.device)
+    from moc_lightning.kernels import topk_triton
+
+    return ForwardPack(*topk_triton.row_select_forward(g, u, k, index_dtype, store_sz))
 
 
 def group_forward(g: torch.Tensor, u: torch.Tensor, group: tuple[int, int], post_silu: bool,

@@ -164,6 +164,189 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
         tl.store(out_ptr + out_base + pos, (first_col[:, None] + cols_b[None, :]).to(tl.int64), mask=keep)
 
 
+# --- bf16 rows, two keys per 32-bit word ----------------------------------------------------
+# A bf16 row is read as int32 words holding two adjacent channels (the even one in the low half).
+# On sm_90 one `set.ge.u32.bf16x2` compares both halves of a word against the candidate and one
+# add counts them, so the threshold search issues half the instructions of the float32 kernel
+# above, which is bound by the instructions it issues (BENCHMARKS.md). Elsewhere (the CPU
+# interpreter, older GPUs) the same words are compared as two float32 values: same results.
+
+def _pair_ge(p, c, ASM: tl.constexpr):
+    """0xFFFF in each 16-bit half of the result where that half of `p` is >= the bf16 value in
+    the halves of `c` (the same value in both), 0 in the other halves."""
+    if ASM:
+        return tl.inline_asm_elementwise("set.ge.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    cv = (c << 16).to(tl.float32, bitcast=True)
+    lo = (p << 16).to(tl.float32, bitcast=True)
+    hi = (p & -65536).to(tl.float32, bitcast=True)
+    return tl.where(lo >= cv, 0xFFFF, 0) | tl.where(hi >= cv, -65536, 0)
+
+
+def _pair_nan_to_neg_inf(p, ASM: tl.constexpr):
+    """NaN halves become -inf (max.bf16x2 returns the other operand where one is NaN)."""
+    if ASM:
+        return tl.inline_asm_elementwise("max.bf16x2 $0, $1, $2;", "=r,r,r", [p, p * 0 - 8323200],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    lo = p & 0xFFFF
+    hi = (p >> 16) & 0xFFFF
+    lo = tl.where((lo & 0x7FFF) > 0x7F80, 0xFF80, lo)
+    hi = tl.where((hi & 0x7FFF) > 0x7F80, 0xFF80, hi)
+    return lo | (hi << 16)
+
+
+def _pair_halves(p):
+    """The low (even channel) and high (odd channel) bf16 halves of int32 words, as float32."""
+    return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+
+
+def _pair_threshold(p_a, p_b, k, HAS_B: tl.constexpr, ASM: tl.constexpr):
+    """The k-th largest bf16 value of one row held as words p_a (and p_b), NaN already -inf and
+    padding -inf: the largest order-preserving 16-bit key t with #(x >= value(t)) >= k, built
+    from the top bit down, returned as its float32 value.
+
+    The count: summing the compare words as int32 gives S = 0xFFFF*n_lo - 0x10000*n_hi (mod
+    2**32), so -S = 0x10000*(n_hi - n_lo) + n_lo exactly (n_lo, n_hi < 2**15): n_lo is its low
+    half, n_hi - n_lo its arithmetic high half. Padding (-inf) counts only for the candidate
+    -inf, which every row's k values reach anyway."""
+    thr = k * 0
+    for i in range(16):
+        cand = thr | (1 << (15 - i))
+        key = tl.maximum(cand, 0x007F)  # keys below -inf's (negative NaNs) stand for -inf
+        bits = key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
+        c = bits | (bits << 16)
+        s = tl.sum(_pair_ge(p_a, c, ASM), axis=0)
+        if HAS_B:
+            s += tl.sum(_pair_ge(p_b, c, ASM), axis=0)
+        ns = -s
+        count = 2 * (ns & 0xFFFF) + (ns >> 16)
+        thr = tl.where(count >= k, cand, thr)
+    key = tl.maximum(thr, 0x007F)
+    bits = key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
+    return (bits << 16).to(tl.float32, bitcast=True)
+
+
+def _pair_halves_vs(p, valid, t):
+    """0/1 int32 flags per word: low half above t, high half above t, low equal, high equal."""
+    lo, hi = _pair_halves(p)
+    return (((lo > t) & valid).to(tl.int32), ((hi > t) & valid).to(tl.int32),
+            ((lo == t) & valid).to(tl.int32), ((hi == t) & valid).to(tl.int32))
+
+
+def _pair_flags(p, valid, t):
+    """Per word: (#halves above t) << 16 | #halves equal to t."""
+    above_lo, above_hi, eq_lo, eq_hi = _pair_halves_vs(p, valid, t)
+    return (above_lo + above_hi) * 65536 + eq_lo + eq_hi
+
+
+def _pair_slots(p, valid, t, flags, offset, need):
+    """Whether each half is kept (all above t, then the first `need` equal to t in channel
+    order) and its slot among the kept, from an inclusive scan of the word flags; `offset` is
+    the flags summed over the words before this piece. The 0/1 flags are compared again rather
+    than kept in registers from `_pair_flags` (they would spill)."""
+    above_lo, above_hi, eq_lo, eq_hi = _pair_halves_vs(p, valid, t)
+    excl = tl.cumsum(flags, axis=0) - flags + offset
+    before_above = excl >> 16
+    before_eq = excl & 0xFFFF
+    keep_lo = (above_lo == 1) | ((eq_lo == 1) & (before_eq + 1 <= need))
+    keep_hi = (above_hi == 1) | ((eq_hi == 1) & (before_eq + eq_lo + 1 <= need))
+    slot_lo = before_above + above_lo + tl.minimum(before_eq + eq_lo, need) - 1
+    slot_hi = before_above + above_lo + above_hi + tl.minimum(before_eq + eq_lo + eq_hi, need) - 1
+    return keep_lo, keep_hi, slot_lo, slot_hi
+
+
+def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
+                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr):
+    """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = words_ptr + row * in_row_stride
+    w_a = tl.arange(0, BLOCK_A)
+    valid_a = w_a < n_pairs
+    # Padding is -inf in both halves: 0xFF80FF80 as a signed int32.
+    p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=valid_a, other=-8323200), ASM)
+    p_b = p_a
+    if HAS_B:
+        w_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        valid_b = w_b < n_pairs
+        p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
+    t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
+
+    flags_a = _pair_flags(p_a, valid_a, t)
+    totals = tl.sum(flags_a, axis=0)
+    if HAS_B:
+        flags_b = _pair_flags(p_b, valid_b, t)
+        totals += tl.sum(flags_b, axis=0)
+    need = k - (totals >> 16)
+    out = out_ptr + row * out_row_stride
+    keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_a, valid_a, t, flags_a, 0, need)
+    tl.store(out + slot_lo, (2 * w_a).to(tl.int64), mask=keep_lo)
+    tl.store(out + slot_hi, (2 * w_a + 1).to(tl.int64), mask=keep_hi)
+    if HAS_B:
+        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_b, valid_b, t, flags_b, tl.sum(flags_a, axis=0), need)
+        tl.store(out + slot_lo, (2 * w_b).to(tl.int64), mask=keep_lo)
+        tl.store(out + slot_hi, (2 * w_b + 1).to(tl.int64), mask=keep_hi)
+
+
+def _pair_forward_piece(G, U, ZD, IX, GS, US, SS, ZS, row, w, valid, p, t, flags, offset, need,
+                        s_g, s_u, s_zd, s_c, STORE_SZ: tl.constexpr):
+    """MoC's forward on one register piece of a row: the dense Z' words (zero off the kept
+    channels) and the kept channels' compact entries at their slots. G is read again (from
+    cache) rather than kept in registers through the search, which would spill."""
+    keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p, valid, t, flags, offset, need)
+    g = tl.load(G + row * s_g + w, mask=valid, other=0)
+    u = tl.load(U + row * s_u + w, mask=valid, other=0)
+    g_lo, g_hi = _pair_halves(g)
+    u_lo, u_hi = _pair_halves(u)
+    s_lo = g_lo * tl.sigmoid(g_lo)
+    s_hi = g_hi * tl.sigmoid(g_hi)
+    # bf16 bits of SiLU(G) * U, rounded as a float32 -> bf16 cast rounds
+    z_lo = (s_lo * u_lo).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    z_hi = (s_hi * u_hi).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    tl.store(ZD + row * s_zd + w, tl.where(keep_lo, z_lo, 0) | (tl.where(keep_hi, z_hi, 0) << 16), mask=valid)
+    c = row * s_c
+    tl.store(IX + c + slot_lo, (2 * w).to(IX.dtype.element_ty), mask=keep_lo)
+    tl.store(IX + c + slot_hi, (2 * w + 1).to(IX.dtype.element_ty), mask=keep_hi)
+    tl.store(GS + c + slot_lo, g.to(tl.int16), mask=keep_lo)  # the low half: truncation keeps its bits
+    tl.store(GS + c + slot_hi, (g >> 16).to(tl.int16), mask=keep_hi)
+    tl.store(US + c + slot_lo, u.to(tl.int16), mask=keep_lo)
+    tl.store(US + c + slot_hi, (u >> 16).to(tl.int16), mask=keep_hi)
+    if STORE_SZ:
+        tl.store(SS + c + slot_lo, s_lo.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=keep_lo)
+        tl.store(SS + c + slot_hi, s_hi.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=keep_hi)
+        tl.store(ZS + c + slot_lo, z_lo.to(tl.int16), mask=keep_lo)
+        tl.store(ZS + c + slot_hi, z_hi.to(tl.int16), mask=keep_hi)
+
+
+def _bf16_pair_select_forward(G, U, ZD, IX, GS, US, SS, ZS, n_pairs, k, s_g, s_u, s_zd, s_c,
+                              STORE_SZ: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              HAS_B: tl.constexpr, ASM: tl.constexpr):
+    """Row Top-K of G fused with MoC's forward, one row per program (bf16 words throughout): the
+    selection above, then Z' = SiLU(G) * U on the kept channels written as whole dense rows, and
+    the kept channels' index, G and U (S and Z with STORE_SZ) at compact slots in channel order.
+    G, U, ZD, GS.. are int32 (dense) and int16 (compact) views of the bf16 tensors."""
+    row = tl.program_id(0).to(tl.int64)
+    w_a = tl.arange(0, BLOCK_A)
+    valid_a = w_a < n_pairs
+    p_a = _pair_nan_to_neg_inf(tl.load(G + row * s_g + w_a, mask=valid_a, other=-8323200), ASM)
+    p_b = p_a
+    if HAS_B:
+        w_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        valid_b = w_b < n_pairs
+        p_b = _pair_nan_to_neg_inf(tl.load(G + row * s_g + w_b, mask=valid_b, other=-8323200), ASM)
+    t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
+    flags_a = _pair_flags(p_a, valid_a, t)
+    totals = tl.sum(flags_a, axis=0)
+    if HAS_B:
+        flags_b = _pair_flags(p_b, valid_b, t)
+        totals += tl.sum(flags_b, axis=0)
+    need = k - (totals >> 16)
+    _pair_forward_piece(G, U, ZD, IX, GS, US, SS, ZS, row, w_a, valid_a, p_a, t, flags_a, 0, need,
+                        s_g, s_u, s_zd, s_c, STORE_SZ)
+    if HAS_B:
+        _pair_forward_piece(G, U, ZD, IX, GS, US, SS, ZS, row, w_b, valid_b, p_b, t, flags_b,
+                            tl.sum(flags_a, axis=0), need, s_g, s_u, s_zd, s_c, STORE_SZ)
+
+
 def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
                        KEY_BITS: tl.constexpr, A: tl.constexpr, A_P2: tl.constexpr, GROUPS: tl.constexpr,
                        BP2: tl.constexpr):
@@ -197,6 +380,10 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 
 
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
+# The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
+_HELPERS = {f.__name__: f for f in (_pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
+                                    _pair_halves_vs, _pair_flags, _pair_slots,
+                                    _pair_forward_piece)}
 
 
 def _import_triton() -> None:
@@ -209,12 +396,19 @@ def _import_triton() -> None:
         triton, tl = triton_module, tl_module
 
 
-def _kernel(fn):
-    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating)."""
+def _jit(fn):
     mode = (fn.__name__, interpreting())
     if mode not in _JIT_CACHE:
         _JIT_CACHE[mode] = triton.jit(fn)
     return _JIT_CACHE[mode]
+
+
+def _kernel(fn):
+    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating),
+    with the helpers it calls bound, under their own names, to their versions for that mode."""
+    for name, helper in _HELPERS.items():
+        globals()[name] = _jit(helper)
+    return _jit(fn)
 
 
 _FORMATS = {torch.bfloat16: (0, torch.int16), torch.float16: (1, torch.int16), torch.float32: (2, torch.int32)}
@@ -274,23 +468,96 @@ def _launch_segments(bits: torch.Tensor, out: torch.Tensor, fmt: int, *, n_segme
         num_warps=num_warps or default_warps)
 
 
+def bf16_words(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """`t` (bf16, rows x channels) viewed as int32 words of two adjacent channels, or None where
+    that view does not exist (other dtypes, an odd width, odd strides or offsets)."""
+    if (t.dtype != torch.bfloat16 or t.dim() != 2 or t.shape[1] % 2 or t.stride(1) != 1
+            or (t.shape[0] > 1 and t.stride(0) % 2) or t.storage_offset() % 2):
+        return None
+    return t.view(torch.int32)
+
+
+def packed_compare_in_asm(device: torch.device) -> bool:
+    """Whether the bf16x2 compares run as sm_90 PTX (`set.ge.u32.bf16x2`) on `device`; elsewhere
+    the word kernels compare the two halves as float32 (the interpreter, older GPUs)."""
+    device = torch.device(device)
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Optional[int]) -> None:
+    n_pairs = words.shape[1]
+    block_a, block_b = split_blocks(n_pairs)
+    _, default_warps = _launch_config(2 * (block_a + block_b))
+    _kernel(_bf16_pair_topk)[(words.shape[0],)](
+        words, out, n_pairs, k, words.stride(0), out.stride(0),
+        BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
+        ASM=packed_compare_in_asm(words.device), num_warps=num_warps or default_warps)
+
+
 def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = None,
-             num_warps: Optional[int] = None, split: Optional[bool] = None, int_count: bool = False) -> torch.Tensor:
+             num_warps: Optional[int] = None, split: Optional[bool] = None, int_count: bool = False,
+             packed: Optional[bool] = None) -> torch.Tensor:
     """Indices (int64, rows x k, unordered) of the k largest scores of each row (NaN ranks as
-    -inf). Rows wider than MAX_BLOCK channels do not fit one program and go to torch.topk."""
-    rows, width = scores.shape
+    -inf). Rows wider than MAX_BLOCK channels do not fit one program and go to torch.topk.
+
+    bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
+    launch setting other than num_warps also selects the float32 kernel)."""
+    rows, width = scores.shape if scores.dim() == 2 else (0, 0)
+    bits, fmt = _raw_bits(scores)
     if not 1 <= k <= width:
         raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
     if width > MAX_BLOCK:
         return torch.topk(scores, k, dim=-1, sorted=False).indices
-    bits, fmt = _raw_bits(scores)
     out = torch.empty(rows, k, dtype=torch.int64, device=scores.device)
-    if rows:
-        _launch_segments(bits, out, fmt, n_segments=rows, segs_per_row=1, seg_width=width, k=k,
-                         in_col0=0, seg_in_stride=0, out_col0=0, seg_out_stride=0,
-                         segs_per_program=segs_per_program, num_warps=num_warps, split=split,
-                         int_count=int_count)
+    if rows == 0:
+        return out
+    words = bf16_words(scores)
+    if packed and words is None:
+        raise ValueError("packed=True takes bf16 rows of an even width with even strides")
+    if packed is None:
+        packed = words is not None and segs_per_program is None and split is None and not int_count
+    if packed:
+        _launch_pairs(words, out, k, num_warps)
+        return out
+    _launch_segments(bits, out, fmt, n_segments=rows, segs_per_row=1, seg_width=width, k=k,
+                     in_col0=0, seg_in_stride=0, out_col0=0, seg_out_stride=0,
+                     segs_per_program=segs_per_program, num_warps=num_warps, split=split,
+                     int_count=int_count)
     return out
+
+
+def row_select_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool,
+                       num_warps: Optional[int] = None):
+    """MoC's forward with the row Top-K of G fused in (bf16 G and U of an even width, see
+    `bf16_words`): (dense Z', kept indices, G there, U there, S there or None, Z there or None),
+    the compact tensors rows x k in channel order. Raises ValueError where the words do not fit."""
+    g_words, u_words = bf16_words(g), bf16_words(u)
+    if g_words is None or u_words is None or g.shape != u.shape:
+        raise ValueError("the fused row select takes bf16 G and U of one even-width shape with even strides")
+    reason = unavailable_reason(g.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    _import_triton()
+    rows, width = g.shape
+    if not 1 <= k <= width or width > MAX_BLOCK:
+        raise ValueError(f"k = {k} must be in [1, {width}] and the width at most {MAX_BLOCK}")
+    z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
+    new = lambda dtype=g.dtype: torch.empty(rows, k, dtype=dtype, device=g.device)
+    idx, g_sel, u_sel = new(index_dtype), new(), new()
+    s_sel, z_sel = (new(), new()) if store_sz else (None, None)
+    dummy = g_sel.view(torch.int16)
+    if rows:
+        n_pairs = width // 2
+        block_a, block_b = split_blocks(n_pairs)
+        _, default_warps = _launch_config(2 * (block_a + block_b))
+        z_words = z_dense.view(torch.int32)
+        _kernel(_bf16_pair_select_forward)[(rows,)](
+            g_words, u_words, z_words, idx, g_sel.view(torch.int16), u_sel.view(torch.int16),
+            s_sel.view(torch.int16) if store_sz else dummy, z_sel.view(torch.int16) if store_sz else dummy,
+            n_pairs, k, g_words.stride(0), u_words.stride(0), z_words.stride(0), k,
+            STORE_SZ=store_sz, BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
+            ASM=packed_compare_in_asm(g.device), num_warps=num_warps or default_warps)
+    return z_dense, idx, g_sel, u_sel, s_sel, z_sel
 
 
 def group_topk(scores: torch.Tensor, a: int, b: int, *, groups_per_program: Optional[int] = None,
