@@ -16,7 +16,7 @@ Two ways to know which channels are kept:
   rows reach memory once, as whole lines);
 - bf16 row Top-K by G (pre-SiLU placement, the Triton Top-K backend): the selection runs in the
   forward kernel itself (moc_lightning.kernels.topk_triton.row_select_forward), which writes Z'
-  as whole rows and the compact tensors in channel order;
+  as whole rows and the compact tensors in its own order;
 - grouped a:b Top-K with b a power of two up to 64: a tile holds whole groups, so the forward
   kernel selects the a best of each group itself (a rounds of argmax), stores group j's picks at
   compact slots [j*a, j*a + a), and every dense tile, forward and backward, is written whole and
@@ -321,7 +321,7 @@ def row_fusable(g: torch.Tensor, u: torch.Tensor) -> bool:
 def row_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool) -> ForwardPack:
     """Row Top-K of G and the forward in one kernel (topk_triton.row_select_forward): G is read
     once, Z' is written as whole rows, and no index tensor goes through memory in between;
-    compact tensors in channel order."""
+    compact tensors in the kernel's order (any order serves backward)."""
     require(g.device)
     from moc_lightning.kernels import topk_triton
 
