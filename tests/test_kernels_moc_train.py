@@ -177,57 +177,6 @@ def test_scatter_kernels_take_indices_in_any_order_and_int32():
     torch.testing.assert_close(buf[:, 2 * width:], densify(order, s_sel * gz, width))
 
 
-@pytest.mark.parametrize("rows,width,k,ties,store_sz", [(6, 70, 9, False, True), (3, 2736, 512, False, False),
-                                                       (6, 44, 44, True, True), (6, 38, 5, True, False)])
-def test_row_select_forward_matches_float64_and_keeps_the_first_equal_channels(rows, width, k, ties, store_sz):
-    """The row Top-K fused into the forward (bf16 words): the float64 selection (any of equal
-    channels), Z' and the compact tensors against float64, and bit for bit the gather kernel's
-    at the same indices."""
-    torch.manual_seed(7)
-    gu = (torch.randint(-3, 4, (rows, 2 * width)) / 2 if ties else torch.randn(rows, 2 * width)).bfloat16()
-    g, u = gu[:, :width], gu[:, width:]  # views of one [G | U] buffer, as the gate/up GEMM writes them
-    assert moc_train.row_fusable(g, u)
-    pack = moc_train.row_forward(g, u, k, torch.int16, store_sz)
-    order = pack.idx.long()
-    assert pack.idx.dtype == torch.int16 and pack.idx.shape == (rows, k)
-    mask = torch.zeros(rows, width, dtype=torch.float64).scatter_(1, order, 1.0)
-    assert_valid_topk_mask(mask, g, k)  # bf16 scores tie now and then even when drawn at random
-    assert torch.equal(pack.g_sel, g.gather(1, order)) and torch.equal(pack.u_sel, u.gather(1, order))
-    s64 = F.silu(g.double())
-    z64 = (s64 * u.double() * mask).to(torch.bfloat16)
-    torch.testing.assert_close(pack.z_dense, z64, rtol=1e-2, atol=1e-6)
-    assert bool((pack.z_dense[mask == 0] == 0).all())
-    gathered = moc_train.scatter_forward(g, u, order, torch.int16, store_sz)
-    assert torch.equal(pack.z_dense, gathered.z_dense)
-    if store_sz:
-        torch.testing.assert_close(pack.s_sel, s64.gather(1, order).to(torch.bfloat16), rtol=1e-2, atol=1e-6)
-        assert torch.equal(pack.s_sel, gathered.s_sel) and torch.equal(pack.z_sel, gathered.z_sel)
-    else:
-        assert pack.s_sel is None and pack.z_sel is None
-
-
-def test_bf16_module_with_the_triton_backend_uses_the_fused_select(monkeypatch):
-    """The MoC FFN in bf16 with topk_backend='triton': the row select runs inside the forward
-    kernel, and output and gradients match float64 on the mask it chose (a valid Top-K mask)."""
-    calls = []
-    fused = moc_train.row_forward
-    monkeypatch.setattr(moc_train, "row_forward", lambda *a: calls.append(a[2]) or fused(*a))
-    cfg = FFNConfig(kind="moc", d_model=16, d_ffn=44, k=7, topk_backend="triton", moc_kernel="triton")
-    x, grad_out = torch.randn(24, 16), torch.randn(24, 16)
-    out, grads, mask, ffn = run(cfg, x, grad_out, dtype=torch.bfloat16)
-    assert calls == [7]
-    weights = [m.weight.detach() for m in (ffn.gate_proj, ffn.up_proj, ffn.down_proj)]
-    g = F.linear(x.bfloat16(), torch.cat(weights[:2]))[:, :44]
-    assert_valid_topk_mask(mask, g, 7)
-    ref_out, ref_grads = reference_grads("moc", x.bfloat16(), *weights, grad_out.bfloat16(), mask=mask)
-    assert rel_err(out, ref_out) < 2e-2
-    for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
-        assert rel_err(got, want) < 2e-2, name
-    _, _, _, torch_ffn = run(cfg.replace(moc_kernel="torch"), x, grad_out, dtype=torch.bfloat16)
-    xs = x.bfloat16().requires_grad_(True)
-    assert measure_saved_bytes(ffn, xs).total == measure_saved_bytes(torch_ffn, xs).total
-
-
 @pytest.mark.parametrize("post_silu", [False, True])
 def test_group_kernels_keep_each_groups_best_at_its_slots(post_silu):
     torch.manual_seed(6)

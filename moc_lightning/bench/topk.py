@@ -109,34 +109,6 @@ def time_backends(rec: Recorder, backends: dict[str, tuple[Callable, Callable]],
     return times
 
 
-def time_select_forward(rec: Recorder, args) -> bool:
-    """The row Top-K fused into MoC's training forward (G, U -> dense Z' and the compact index,
-    G and U) against the two launches it replaces (row Top-K, then the gather/scatter forward),
-    after checking that both give the same Z' and kept channels on this shape."""
-    from moc_lightning.kernels import moc_train
-
-    rows, width, k = args.rows, args.width, args.k
-    gate_up = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16)
-    g, u = gate_up[:, :width], gate_up[:, width:]  # as the gate/up GEMM writes them
-    fused = topk_triton.row_select_forward(g, u, k, torch.int16, False)
-    apart = moc_train.scatter_forward(g, u, topk_triton.row_topk(g, k), torch.int16, False)
-    ok = rec.check("select_forward_matches_topk_then_scatter",
-                   torch.equal(fused[0], apart.z_dense)
-                   and torch.equal(fused[1].long().sort(dim=1).values, apart.idx.long().sort(dim=1).values),
-                   rows=rows, width=width, k=k)
-    shape = dict(rows=rows, width=width, k=k, dtype="bfloat16")
-    # G and U read, Z' written, the compact int16 index, G and U written.
-    floor = floor_ms(3 * g.numel() * 2 + 3 * rows * k * 2)
-    for warps in (1, 2, 4):
-        ms = time_ms(lambda: topk_triton.row_select_forward(g, u, k, torch.int16, False, num_warps=warps))
-        rec.emit("select_forward_ms", ms, "ms", path="fused", num_warps=warps, floor_ms=floor, x_floor=ms / floor, **shape)
-    for name, select in (("triton", lambda: topk_triton.row_topk(g, k)),
-                         ("triton_float_keys", lambda: topk_triton.row_topk(g, k, packed=False))):
-        ms = time_ms(lambda: moc_train.scatter_forward(g, u, select(), torch.int16, False))
-        rec.emit("select_forward_ms", ms, "ms", path=f"topk_{name}_then_scatter", floor_ms=floor, x_floor=ms / floor, **shape)
-    return ok
-
-
 ROW_SETTINGS = ([dict(packed=True, num_warps=w) for w in (1, 2, 4)]
                 + [dict(segs_per_program=s, num_warps=w, split=True, int_count=ic) for ic in (False, True)
                    for s, w in ((1, 1), (1, 2), (1, 4), (2, 2))]
@@ -211,7 +183,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         all_ok &= run_checks(rec, {"triton_tuned": timed["triton_tuned"]})
         rec.emit("tuned_settings", 1.0, "info", row=row_kw, group=group_kw)
     time_backends(rec, timed, args)
-    all_ok &= time_select_forward(rec, args)
 
     if builder is not None:
         builder.join(timeout=args.raft_wait)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
-from moc_lightning.ffn.topk import resolve_backend, select_channels
+from moc_lightning.ffn.topk import select_channels
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -123,8 +123,7 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
 
     G and U come from one GEMM against [W_gate; W_up] (measured faster than two, concatenation
     included). a:b groups with a power-of-two b are selected inside the kernel unless a Top-K
-    backend is named explicitly; bf16 row Top-K by G with the triton backend is selected inside the
-    forward kernel; the rest goes through select_channels and the gather kernel.
+    backend is named explicitly; the rest goes through select_channels and the gather kernel.
     """
     moc_train = _kernels()
     d_ffn = w_gate.shape[0]
@@ -133,9 +132,6 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     idx_dtype = index_dtype(d_ffn)
     if group is not None and backend == "auto" and moc_train.group_fusable(group):
         return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
-    if (group is None and placement == "pre_silu" and resolve_backend(backend, g.device) == "triton"
-            and moc_train.row_fusable(g, u)):
-        return moc_train.row_forward(g, u, k, idx_dtype, store_sz), None
     idx = select_channels(g, k=k, group=group, placement=placement, backend=backend)
     return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), None
 

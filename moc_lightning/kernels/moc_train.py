@@ -14,9 +14,6 @@ Two ways to know which channels are kept:
 - any indices (row Top-K from a Top-K backend): the kernels gather at the indices and scatter into
   dense rows they first zero (a CTA barrier orders the zeros before the scattered values, so the
   rows reach memory once, as whole lines);
-- bf16 row Top-K by G (pre-SiLU placement, the Triton Top-K backend): the selection runs in the
-  forward kernel itself (moc_lightning.kernels.topk_triton.row_select_forward), which writes Z'
-  as whole rows and the compact tensors in its own order;
 - grouped a:b Top-K with b a power of two up to 64: a tile holds whole groups, so the forward
   kernel selects the a best of each group itself (a rounds of argmax), stores group j's picks at
   compact slots [j*a, j*a + a), and every dense tile, forward and backward, is written whole and
@@ -25,7 +22,10 @@ Two ways to know which channels are kept:
 Measured and dropped (H100, .bench-raw/train-1.jsonl, train-2.jsonl): the gate/up GEMM with the
 group selection in its epilogue (1.94 ms against 0.52 ms for cuBLAS's two GEMMs); 2:4 sparse
 tensor cores for the 2:8 products (cuSPARSELt compression alone 3.1 ms); sorting each row's
-indices before gathering (no gain); a rank-by-comparison group selection (slower than argmax).
+indices before gathering (no gain); a rank-by-comparison group selection (slower than argmax);
+the row Top-K fused into the forward kernel, one warp per row reading G once and writing Z' as
+whole rows (2.1 ms against 1.0 ms for the Top-K and this gather kernel: a row held in one
+warp's registers takes 255 of them, 8 warps an SM, and capping the registers spills more).
 
 Everything runs under TRITON_INTERPRET=1 on CPU tensors (the tests do that); on a machine without
 triton the module still imports, and the launchers raise a clear error.
@@ -307,25 +307,6 @@ def scatter_forward(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, index_d
             _rows_grid(rows), g, u, idx, z_dense, ix, gs, us, ss, zs, rows, width, kept,
             g.stride(0), u.stride(0), idx.stride(0), z_dense.stride(0), kept, STORE_SZ=store_sz)
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
-
-
-def row_fusable(g: torch.Tensor, u: torch.Tensor) -> bool:
-    """Whether `row_forward` takes these G and U: bf16 words of two channels (see
-    topk_triton.bf16_words), at most topk_triton.MAX_BLOCK channels."""
-    from moc_lightning.kernels import topk_triton
-
-    return (topk_triton.bf16_words(g) is not None and topk_triton.bf16_words(u) is not None
-            and g.shape == u.shape and g.shape[1] <= topk_triton.MAX_BLOCK)
-
-
-def row_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool) -> ForwardPack:
-    """Row Top-K of G and the forward in one kernel (topk_triton.row_select_forward): G is read
-    once, Z' is written as whole rows, and no index tensor goes through memory in between;
-    compact tensors in the kernel's order (any order serves backward)."""
-    require(g.device)
-    from moc_lightning.kernels import topk_triton
-
-    return ForwardPack(*topk_triton.row_select_forward(g, u, k, index_dtype, store_sz))
 
 
 def group_forward(g: torch.Tensor, u: torch.Tensor, group: tuple[int, int], post_silu: bool,

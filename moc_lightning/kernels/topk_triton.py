@@ -167,16 +167,13 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
 # --- bf16 rows, two keys per 32-bit word ----------------------------------------------------
 # A bf16 row is read as int32 words holding two adjacent channels (the even one in the low half).
 # On sm_90 one `set.ge.u32.bf16x2` compares both halves of a word against the candidate and one
-# add counts them, so the threshold search issues half the instructions of the float32 kernel
-# above, which is bound by the instructions it issues (BENCHMARKS.md). Elsewhere (the CPU
-# interpreter, older GPUs) the same words are compared as two float32 values: same results.
-#
-# A piece of a row is held as a (slots x lanes) tensor, word s*lanes + l at (s, l): lanes along
-# the row, so a warp loads whole lines. Sums reduce over the slots first (inside each thread),
-# and the kept values are placed in the order (lane, slot) rather than channel order: the scan
-# that places them is then a running sum down each lane plus one scan across the lanes, where a
-# scan in channel order costs a chain of warp shuffles per slot (timed at 0.27 ms of 0.38 on
-# the 32768 x 2736 benchmark). The Top-K is unordered either way.
+# add counts them (and REDUX sums a warp), so the 16-round threshold search costs about as much
+# as reading the row (0.107 ms for the load and search on the 32768 x 2736 benchmark, against
+# 0.071 ms for the load alone). What is left (0.38 ms in all) is placing the kept values: a
+# row held in one warp takes 255 registers, so an SM runs 8 rows at a time; capping the
+# registers spilled and timed slower, and a scan in (lane, slot) order instead of channel order
+# timed the same. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
+# two float32 values: same results.
 
 def _pair_ge(p, c, ASM: tl.constexpr):
     """0xFFFF in each 16-bit half of the result where that half of `p` is >= the bf16 value in
@@ -222,9 +219,9 @@ def _pair_threshold(p_a, p_b, k, HAS_B: tl.constexpr, ASM: tl.constexpr):
         key = tl.maximum(cand, 0x007F)  # keys below -inf's (negative NaNs) stand for -inf
         bits = key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
         c = bits | (bits << 16)
-        s = _total(_pair_ge(p_a, c, ASM))
+        s = tl.sum(_pair_ge(p_a, c, ASM), axis=0)
         if HAS_B:
-            s += _total(_pair_ge(p_b, c, ASM))
+            s += tl.sum(_pair_ge(p_b, c, ASM), axis=0)
         ns = -s
         count = 2 * (ns & 0xFFFF) + (ns >> 16)
         thr = tl.where(count >= k, cand, thr)
@@ -246,20 +243,13 @@ def _pair_flags(p, valid, t):
     return (above_lo + above_hi) * 65536 + eq_lo + eq_hi
 
 
-def _total(x):
-    """The sum of a (slots x lanes) tensor: down the slots (in-thread) first, then the lanes."""
-    return tl.sum(tl.sum(x, axis=0), axis=0)
-
-
 def _pair_slots(p, valid, t, flags, offset, need):
-    """Whether each half is kept (all above t, then the first `need` equal to t in (lane, slot)
-    order) and its slot among the kept, from the word flags summed over the words before it in
-    that order; `offset` is the flags summed over the pieces before this one. The 0/1 flags are
-    compared again rather than kept in registers from `_pair_flags` (they would spill)."""
+    """Whether each half is kept (all above t, then the first `need` equal to t in channel
+    order) and its slot among the kept, from an inclusive scan of the word flags; `offset` is
+    the flags summed over the words before this piece. The 0/1 flags are compared again rather
+    than kept in registers from `_pair_flags` (they would spill)."""
     above_lo, above_hi, eq_lo, eq_hi = _pair_halves_vs(p, valid, t)
-    lane_totals = tl.sum(flags, axis=0)
-    excl = (tl.cumsum(flags, axis=0) - flags + (tl.cumsum(lane_totals, axis=0) - lane_totals)[None, :]
-            + offset)
+    excl = tl.cumsum(flags, axis=0) - flags + offset
     before_above = excl >> 16
     before_eq = excl & 0xFFFF
     keep_lo = (above_lo == 1) | ((eq_lo == 1) & (before_eq + 1 <= need))
@@ -270,98 +260,35 @@ def _pair_slots(p, valid, t, flags, offset, need):
 
 
 def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
-                    SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, LANES: tl.constexpr, HAS_B: tl.constexpr,
-                    ASM: tl.constexpr):
-    """One row per program: its words in two register pieces of (SLOTS_A, then SLOTS_B) x LANES."""
+                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr):
+    """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words)."""
     row = tl.program_id(0).to(tl.int64)
     base = words_ptr + row * in_row_stride
-    lane = tl.arange(0, LANES)[None, :]
-    w_a = tl.arange(0, SLOTS_A)[:, None] * LANES + lane
+    w_a = tl.arange(0, BLOCK_A)
     valid_a = w_a < n_pairs
     # Padding is -inf in both halves: 0xFF80FF80 as a signed int32.
     p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=valid_a, other=-8323200), ASM)
     p_b = p_a
     if HAS_B:
-        w_b = (SLOTS_A + tl.arange(0, SLOTS_B)[:, None]) * LANES + lane
+        w_b = BLOCK_A + tl.arange(0, BLOCK_B)
         valid_b = w_b < n_pairs
         p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
     t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
 
     flags_a = _pair_flags(p_a, valid_a, t)
-    totals = _total(flags_a)
+    totals = tl.sum(flags_a, axis=0)
     if HAS_B:
         flags_b = _pair_flags(p_b, valid_b, t)
-        totals += _total(flags_b)
+        totals += tl.sum(flags_b, axis=0)
     need = k - (totals >> 16)
     out = out_ptr + row * out_row_stride
     keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_a, valid_a, t, flags_a, 0, need)
     tl.store(out + slot_lo, (2 * w_a).to(tl.int64), mask=keep_lo)
     tl.store(out + slot_hi, (2 * w_a + 1).to(tl.int64), mask=keep_hi)
     if HAS_B:
-        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_b, valid_b, t, flags_b, _total(flags_a), need)
+        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_b, valid_b, t, flags_b, tl.sum(flags_a, axis=0), need)
         tl.store(out + slot_lo, (2 * w_b).to(tl.int64), mask=keep_lo)
         tl.store(out + slot_hi, (2 * w_b + 1).to(tl.int64), mask=keep_hi)
-
-
-def _pair_forward_piece(G, U, ZD, IX, GS, US, SS, ZS, row, w, valid, p, t, flags, offset, need,
-                        s_g, s_u, s_zd, s_c, STORE_SZ: tl.constexpr):
-    """MoC's forward on one register piece of a row: the dense Z' words (zero off the kept
-    channels) and the kept channels' compact entries at their slots. G is read again (from
-    cache) rather than kept in registers through the search, which would spill."""
-    keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p, valid, t, flags, offset, need)
-    g = tl.load(G + row * s_g + w, mask=valid, other=0)
-    u = tl.load(U + row * s_u + w, mask=valid, other=0)
-    g_lo, g_hi = _pair_halves(g)
-    u_lo, u_hi = _pair_halves(u)
-    s_lo = g_lo * tl.sigmoid(g_lo)
-    s_hi = g_hi * tl.sigmoid(g_hi)
-    # bf16 bits of SiLU(G) * U, rounded as a float32 -> bf16 cast rounds
-    z_lo = (s_lo * u_lo).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    z_hi = (s_hi * u_hi).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    tl.store(ZD + row * s_zd + w, tl.where(keep_lo, z_lo, 0) | (tl.where(keep_hi, z_hi, 0) << 16), mask=valid)
-    c = row * s_c
-    tl.store(IX + c + slot_lo, (2 * w).to(IX.dtype.element_ty), mask=keep_lo)
-    tl.store(IX + c + slot_hi, (2 * w + 1).to(IX.dtype.element_ty), mask=keep_hi)
-    tl.store(GS + c + slot_lo, g.to(tl.int16), mask=keep_lo)  # the low half: truncation keeps its bits
-    tl.store(GS + c + slot_hi, (g >> 16).to(tl.int16), mask=keep_hi)
-    tl.store(US + c + slot_lo, u.to(tl.int16), mask=keep_lo)
-    tl.store(US + c + slot_hi, (u >> 16).to(tl.int16), mask=keep_hi)
-    if STORE_SZ:
-        tl.store(SS + c + slot_lo, s_lo.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=keep_lo)
-        tl.store(SS + c + slot_hi, s_hi.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=keep_hi)
-        tl.store(ZS + c + slot_lo, z_lo.to(tl.int16), mask=keep_lo)
-        tl.store(ZS + c + slot_hi, z_hi.to(tl.int16), mask=keep_hi)
-
-
-def _bf16_pair_select_forward(G, U, ZD, IX, GS, US, SS, ZS, n_pairs, k, s_g, s_u, s_zd, s_c,
-                              STORE_SZ: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
-                              LANES: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr):
-    """Row Top-K of G fused with MoC's forward, one row per program (bf16 words throughout): the
-    selection above, then Z' = SiLU(G) * U on the kept channels written as whole dense rows, and
-    the kept channels' index, G and U (S and Z with STORE_SZ) at compact slots ((lane, slot) order).
-    G, U, ZD, GS.. are int32 (dense) and int16 (compact) views of the bf16 tensors."""
-    row = tl.program_id(0).to(tl.int64)
-    lane = tl.arange(0, LANES)[None, :]
-    w_a = tl.arange(0, SLOTS_A)[:, None] * LANES + lane
-    valid_a = w_a < n_pairs
-    p_a = _pair_nan_to_neg_inf(tl.load(G + row * s_g + w_a, mask=valid_a, other=-8323200), ASM)
-    p_b = p_a
-    if HAS_B:
-        w_b = (SLOTS_A + tl.arange(0, SLOTS_B)[:, None]) * LANES + lane
-        valid_b = w_b < n_pairs
-        p_b = _pair_nan_to_neg_inf(tl.load(G + row * s_g + w_b, mask=valid_b, other=-8323200), ASM)
-    t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
-    flags_a = _pair_flags(p_a, valid_a, t)
-    totals = _total(flags_a)
-    if HAS_B:
-        flags_b = _pair_flags(p_b, valid_b, t)
-        totals += _total(flags_b)
-    need = k - (totals >> 16)
-    _pair_forward_piece(G, U, ZD, IX, GS, US, SS, ZS, row, w_a, valid_a, p_a, t, flags_a, 0, need,
-                        s_g, s_u, s_zd, s_c, STORE_SZ)
-    if HAS_B:
-        _pair_forward_piece(G, U, ZD, IX, GS, US, SS, ZS, row, w_b, valid_b, p_b, t, flags_b,
-                            _total(flags_a), need, s_g, s_u, s_zd, s_c, STORE_SZ)
 
 
 def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
@@ -398,9 +325,8 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
-_HELPERS = {f.__name__: f for f in (_total, _pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
-                                    _pair_halves_vs, _pair_flags, _pair_slots,
-                                    _pair_forward_piece)}
+_HELPERS = {f.__name__: f for f in (_pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
+                                    _pair_halves_vs, _pair_flags, _pair_slots)}
 
 
 def _import_triton() -> None:
@@ -501,19 +427,14 @@ def packed_compare_in_asm(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _word_pieces(n_pairs: int, num_warps: Optional[int]) -> dict:
-    """The launch of a word kernel: the row's pieces as (slots x lanes), and the warps."""
-    block_a, block_b = split_blocks(n_pairs)
-    lanes = min(32, block_b or block_a)
-    _, default_warps = _launch_config(2 * (block_a + block_b))
-    return dict(SLOTS_A=block_a // lanes, SLOTS_B=max(block_b // lanes, 1), LANES=lanes, HAS_B=block_b > 0,
-                num_warps=num_warps or default_warps)
-
-
 def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Optional[int]) -> None:
+    n_pairs = words.shape[1]
+    block_a, block_b = split_blocks(n_pairs)
+    _, default_warps = _launch_config(2 * (block_a + block_b))
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
-        words, out, words.shape[1], k, words.stride(0), out.stride(0),
-        ASM=packed_compare_in_asm(words.device), **_word_pieces(words.shape[1], num_warps))
+        words, out, n_pairs, k, words.stride(0), out.stride(0),
+        BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
+        ASM=packed_compare_in_asm(words.device), num_warps=num_warps or default_warps)
 
 
 def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = None,
@@ -546,38 +467,6 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
                      segs_per_program=segs_per_program, num_warps=num_warps, split=split,
                      int_count=int_count)
     return out
-
-
-def row_select_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool,
-                       num_warps: Optional[int] = None):
-    """MoC's forward with the row Top-K of G fused in (bf16 G and U of an even width, see
-    `bf16_words`): (dense Z', kept indices, G there, U there, S there or None, Z there or None),
-    the compact tensors rows x k (in the kernel's (lane, slot) order, not channel order). Raises
-    ValueError where the words do not fit."""
-    g_words, u_words = bf16_words(g), bf16_words(u)
-    if g_words is None or u_words is None or g.shape != u.shape:
-        raise ValueError("the fused row select takes bf16 G and U of one even-width shape with even strides")
-    reason = unavailable_reason(g.device)
-    if reason is not None:
-        raise RuntimeError(reason)
-    _import_triton()
-    rows, width = g.shape
-    if not 1 <= k <= width or width > MAX_BLOCK:
-        raise ValueError(f"k = {k} must be in [1, {width}] and the width at most {MAX_BLOCK}")
-    z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
-    new = lambda dtype=g.dtype: torch.empty(rows, k, dtype=dtype, device=g.device)
-    idx, g_sel, u_sel = new(index_dtype), new(), new()
-    s_sel, z_sel = (new(), new()) if store_sz else (None, None)
-    dummy = g_sel.view(torch.int16)
-    if rows:
-        n_pairs = width // 2
-        z_words = z_dense.view(torch.int32)
-        _kernel(_bf16_pair_select_forward)[(rows,)](
-            g_words, u_words, z_words, idx, g_sel.view(torch.int16), u_sel.view(torch.int16),
-            s_sel.view(torch.int16) if store_sz else dummy, z_sel.view(torch.int16) if store_sz else dummy,
-            n_pairs, k, g_words.stride(0), u_words.stride(0), z_words.stride(0), k,
-            STORE_SZ=store_sz, ASM=packed_compare_in_asm(g.device), **_word_pieces(n_pairs, num_warps))
-    return z_dense, idx, g_sel, u_sel, s_sel, z_sel
 
 
 def group_topk(scores: torch.Tensor, a: int, b: int, *, groups_per_program: Optional[int] = None,
