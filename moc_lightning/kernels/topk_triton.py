@@ -182,8 +182,7 @@ def _pair_ge(p, c, ASM: tl.constexpr):
         return tl.inline_asm_elementwise("set.ge.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
     cv = (c << 16).to(tl.float32, bitcast=True)
-    lo = (p << 16).to(tl.float32, bitcast=True)
-    hi = (p & -65536).to(tl.float32, bitcast=True)
+    lo, hi = _pair_halves(p)
     return tl.where(lo >= cv, 0xFFFF, 0) | tl.where(hi >= cv, -65536, 0)
 
 
@@ -276,7 +275,8 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
     t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
 
     flags_a = _pair_flags(p_a, valid_a, t)
-    totals = tl.sum(flags_a, axis=0)
+    sum_a = tl.sum(flags_a, axis=0)
+    totals = sum_a
     if HAS_B:
         flags_b = _pair_flags(p_b, valid_b, t)
         totals += tl.sum(flags_b, axis=0)
@@ -286,7 +286,7 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
     tl.store(out + slot_lo, (2 * w_a).to(tl.int64), mask=keep_lo)
     tl.store(out + slot_hi, (2 * w_a + 1).to(tl.int64), mask=keep_hi)
     if HAS_B:
-        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_b, valid_b, t, flags_b, tl.sum(flags_a, axis=0), need)
+        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_b, valid_b, t, flags_b, sum_a, need)
         tl.store(out + slot_lo, (2 * w_b).to(tl.int64), mask=keep_lo)
         tl.store(out + slot_hi, (2 * w_b + 1).to(tl.int64), mask=keep_hi)
 
@@ -445,8 +445,8 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
 
     bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
     launch setting other than num_warps also selects the float32 kernel)."""
-    rows, width = scores.shape if scores.dim() == 2 else (0, 0)
     bits, fmt = _raw_bits(scores)
+    rows, width = scores.shape
     if not 1 <= k <= width:
         raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
     if width > MAX_BLOCK:
