@@ -74,6 +74,10 @@ CASES = [
     (44, 24, None, "2:4", "auto", False),
     (44, 24, None, "3:7", "torch", True),  # b not a power of two: Top-K backend + scatter
     (70, 13, None, "2:8", "torch", False),  # explicit backend: gathered and scattered
+    # the triton row Top-K lists channels in ascending order: backward takes the ordered kernel
+    (70, 13, 9, None, "triton", True),
+    (70, 13, 20, None, "triton", False),
+    (44, 24, 44, None, "triton", True),
 ]
 
 
@@ -175,6 +179,51 @@ def test_scatter_kernels_take_indices_in_any_order_and_int32():
     torch.testing.assert_close(buf[:, :width], densify(order, s_sel * u_sel, width))
     torch.testing.assert_close(buf[:, width:2 * width], densify(order, u_sel * gz * dsilu, width))
     torch.testing.assert_close(buf[:, 2 * width:], densify(order, s_sel * gz, width))
+
+
+def _ascending_indices(rows, width, kept, clustered=False):
+    if clustered:  # every kept channel in the first tiles: runs longer than a tile's window
+        return torch.arange(kept).expand(rows, kept).clone()
+    return torch.stack([torch.randperm(width)[:kept].sort().values for _ in range(rows)])
+
+
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("rows,width,kept,clustered", [
+    (11, 70, 9, False),   # width not a multiple of the 16-channel interpreter tile
+    (5, 37, 37, False),   # every channel kept
+    (6, 40, 1, False),
+    (9, 100, 30, False),
+    (4, 70, 40, True),    # 16 kept in each of the first tiles, then 8, then none
+    (3, 33, 17, True),
+])
+def test_ordered_backward_equals_scatter_backward_and_the_formulas(rows, width, kept, clustered, stored):
+    torch.manual_seed(7)
+    g, u, grad_z = torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, width)
+    idx = _ascending_indices(rows, width, kept, clustered)
+    pack = moc_train.scatter_forward(g, u, idx, torch.int16, store_sz=stored)
+    assert torch.equal(pack.idx.long(), idx)  # the forward keeps the indices' order
+    extra = (pack.s_sel, pack.z_sel) if stored else ()
+    buf = moc_train.ordered_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel, *extra)
+    assert buf.shape == (rows, 3 * width)
+    assert torch.equal(buf, moc_train.scatter_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel, *extra))
+    g_sel, gz = g.gather(1, idx).double(), grad_z.gather(1, idx).double()
+    s_sel, u_sel = F.silu(g_sel), u.gather(1, idx).double()
+    dsilu = torch.sigmoid(g_sel) * (1 + g_sel * (1 - torch.sigmoid(g_sel)))
+    for part, want in enumerate((s_sel * u_sel, u_sel * gz * dsilu, s_sel * gz)):
+        torch.testing.assert_close(buf[:, part * width:(part + 1) * width].double(), densify(idx, want, width),
+                                   rtol=1e-5, atol=1e-6)  # float32 kernel against float64
+
+
+def test_triton_row_topk_sends_backward_through_the_ordered_kernel(monkeypatch):
+    calls = []
+    ordered = moc_train.ordered_backward
+    monkeypatch.setattr(moc_train, "ordered_backward", lambda *a, **kw: calls.append(1) or ordered(*a, **kw))
+    x = torch.randn(13, 16, requires_grad=True)
+    for backend, expected in (("torch", 0), ("triton", 1)):
+        calls.clear()
+        cfg = FFNConfig(kind="moc", d_model=16, d_ffn=70, k=9, topk_backend=backend, moc_kernel="triton")
+        build_ffn(cfg)(x).sum().backward()
+        assert len(calls) == expected, backend
 
 
 @pytest.mark.parametrize("post_silu", [False, True])

@@ -53,6 +53,8 @@ def assert_row_topk(scores: torch.Tensor, idx: torch.Tensor, k: int):
     assert int(idx.min()) >= 0 and int(idx.max()) < width
     for row in idx.tolist():
         assert len(set(row)) == k, "indices must be distinct"
+    # MoC's ordered backward kernel relies on this order (see moc_train.ordered_backward).
+    assert bool((idx.diff(dim=1) > 0).all()), "each row's indices must ascend"
     got = scores.gather(1, idx).double().sort(dim=1).values
     want = torch.topk(scores.double(), k, dim=1).values.sort(dim=1).values
     assert torch.equal(got, want)
@@ -127,6 +129,18 @@ def test_bf16_word_kernel_takes_even_widths_and_strides_only(interpret):
     wide = torch.randn(4, 41).bfloat16()
     assert topk_triton.bf16_words(wide[:, 1:]) is None  # odd offset: no int32 view
     assert_row_topk(wide[:, 1:], topk_triton.row_topk(wide[:, 1:], 7), 7)
+
+
+def test_rows_wider_than_one_program_go_to_torch_topk_in_ascending_order(interpret):
+    scores = torch.randn(2, topk_triton.MAX_BLOCK + 5)
+    assert_row_topk(scores, topk_triton.row_topk(scores, 40), 40)
+
+
+def test_only_the_triton_backend_promises_ascending_rows(interpret):
+    from moc_lightning.ffn.topk import row_indices_ascending
+
+    assert row_indices_ascending("triton", torch.device("cpu"))
+    assert not row_indices_ascending("torch", torch.device("cpu"))
 
 
 def test_row_topk_takes_strided_rows(interpret):

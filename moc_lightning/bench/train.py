@@ -5,6 +5,8 @@ bytes against dense SwiGLU and the baselines, whole training steps, and the larg
 
 Parts (JSON lines through moc_lightning.bench.common, bench "train"):
   check     Triton path vs torch path vs a float64 reference, on fresh random inputs of several shapes
+  elementwise  MoC's element-wise kernels alone at 350M shapes, each launch setting: the scatter
+            kernels, and the ordered backward (its output compared bit for bit with the scatter one)
   ffn       FFN fwd+bwd at 350M shapes (32768 tokens, d 1024, d_ffn 2736, K 512), bf16
   step      llama-350m, bsz 128 x 256 tokens: forward + backward + AdamW (bf16 autocast, fp32 weights)
   maxbatch  llama-1b: the largest batch of 256-token sequences whose training step fits, dense vs MoC
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.bench.common import check, copy_bandwidth_gbs, emit, floor_ms, rel_error, time_ms
-from moc_lightning.ffn import FFNConfig, build_ffn, topk
+from moc_lightning.ffn import FFNConfig, build_ffn, functions, topk
 from moc_lightning.kernels import moc_train
 from moc_lightning.profiling import measure_saved_bytes
 
@@ -141,6 +143,58 @@ def check_correctness() -> bool:
     return all_ok
 
 
+def _settings(configs) -> list[tuple[dict, int]]:
+    return [(dict(c.kwargs), c.num_warps) for c in configs]
+
+
+def bench_elementwise() -> bool:
+    """MoC's element-wise kernels alone at 350M shapes, on the indices of the triton row Top-K:
+    the scatter forward and backward at each launch setting, and the ordered backward at each of
+    its settings, whose output must equal the scatter backward's bit for bit."""
+    rows, d_ffn, k = TOKENS, SHAPE_350M["d_ffn"], 512
+    gate_up = fresh(rows, 2 * d_ffn)
+    g, u = gate_up[:, :d_ffn], gate_up[:, d_ffn:]
+    idx = topk.select_channels(g, k=k, backend="triton")
+    grad_z = fresh(rows, d_ffn)
+    ref = moc_train.scatter_forward(g, u, idx, torch.int16, False)
+    ref_buf = moc_train.scatter_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel)
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.scatter_forward(g, u, idx, torch.int16, False)), "ms",
+         kernel="scatter_forward", setting="autotuned")
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.scatter_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel)),
+         "ms", kernel="scatter_backward", setting="autotuned")
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.ordered_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel)),
+         "ms", kernel="ordered_backward", setting="autotuned")
+    grid = lambda meta: (-(-rows // meta["BLOCK_R"]),)  # noqa: E731
+    dummy = ref.g_sel.new_empty(1)
+    z_dense = torch.empty(rows, d_ffn, dtype=DTYPE, device="cuda")
+    compact = [torch.empty(rows, k, dtype=t, device="cuda") for t in (torch.int16, DTYPE, DTYPE)]
+    buf = torch.empty(rows, 3 * d_ffn, dtype=DTYPE, device="cuda")
+    all_ok = True
+    for meta, warps in _settings(moc_train._ELEMENTWISE_CONFIGS):
+        fwd = lambda: moc_train._scatter_forward_kernel[grid(meta)](  # noqa: E731
+            g, u, idx, z_dense, *compact, dummy, dummy, rows, d_ffn, k, g.stride(0), u.stride(0), idx.stride(0), d_ffn,
+            k, STORE_SZ=False, num_warps=warps, **meta)
+        bwd = lambda: moc_train._scatter_backward_kernel[grid(meta)](  # noqa: E731
+            grad_z, ref.idx, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, k, d_ffn, k, 3 * d_ffn,
+            STORED=False, num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(fwd), "ms", kernel="scatter_forward", num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="scatter_backward", num_warps=warps, **meta)
+    for meta, warps in _settings(moc_train._ORDERED_CONFIGS):
+        bwd = lambda: moc_train._ordered_backward_kernel[grid(meta)](  # noqa: E731
+            grad_z, ref.idx, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, k, d_ffn, k, 3 * d_ffn,
+            STORED=False, num_warps=warps, **meta)
+        buf.fill_(float("nan"))
+        bwd()
+        all_ok &= check(BENCH, "ordered_backward_matches_scatter", torch.equal(buf, ref_buf), num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="ordered_backward", num_warps=warps, **meta)
+    fwd_bytes = 2 * rows * d_ffn * 3 + rows * k * 6
+    bwd_bytes = 2 * rows * d_ffn * 4 + rows * k * 6
+    emit(BENCH, "elementwise_byte_floor", floor_ms(fwd_bytes), "ms", kernel="forward (read G, U; write Z', compact)")
+    emit(BENCH, "elementwise_byte_floor", floor_ms(bwd_bytes), "ms",
+         kernel="backward (read grad_Z, compact; write [Z' | grad_G' | grad_U'])")
+    return all_ok
+
+
 # --- (b) FFN forward + backward ---------------------------------------------------------------------
 
 
@@ -155,6 +209,9 @@ def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     ]
     for backend in topk_backends():
         variants.append((f"moc_k512_triton_topk_{backend}", moc.replace(moc_kernel="triton", topk_backend=backend), {}))
+    # The row Top-K's ascending indices through the scatter kernels instead of the ordered ones.
+    variants.append(("moc_k512_triton_topk_triton_scatter_kernels", moc.replace(moc_kernel="triton", topk_backend="triton"),
+                     {"scatter": True}))
     variants += [
         ("moc_k512_stored_triton", moc.replace(moc_kernel="triton", recompute=False), {}),
         ("moc_2:8_torch_kernel", moc.replace(group="2:8", moc_kernel="torch"), {}),
@@ -199,6 +256,9 @@ def bench_ffn() -> None:
     for label, cfg, opts in ffn_variants():
         module = build(cfg)
         runner = torch.compile(module) if opts.get("compile") else module
+        ascending = functions.row_indices_ascending
+        if opts.get("scatter"):
+            functions.row_indices_ascending = lambda backend, device: False
         try:
             step = fwd_bwd(runner, x, grad_out)
             step()
@@ -211,6 +271,8 @@ def bench_ffn() -> None:
         except Exception as exc:  # a variant that fails is reported, the others still run
             emit(BENCH, "ffn_error", 0.0, "error", variant=label, error=f"{type(exc).__name__}: {exc}"[:300])
             continue
+        finally:
+            functions.row_indices_ascending = ascending
         times[label], saved[label] = ms, nbytes
         emit(BENCH, "ffn_fwd_bwd", times[label], "ms", variant=label, tokens=rows, k=cfg.k, group=cfg.group,
              **SHAPE_350M)
@@ -302,12 +364,16 @@ def _train_step(model, opt, ids, micro_batches: int = 1) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"})]
+STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"}),
+             ("moc_k512_scatter_kernels", {"kind": "moc"})]
 
 
 def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
+    ascending = functions.row_indices_ascending
     for label, ffn in STEP_FFNS:
+        # the row Top-K's indices through the scatter kernels instead of the ordered ones
+        functions.row_indices_ascending = (lambda backend, device: False) if "scatter" in label else ascending
         model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1
@@ -339,6 +405,7 @@ def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
+    functions.row_indices_ascending = ascending
     for label, (tps, peak) in results.items():
         emit(BENCH, "step_tokens_per_s_vs_dense", tps / results["swiglu"][0], "x", model="llama-350m", ffn=label,
              loss_chunk_tokens=loss_chunk_tokens)
@@ -393,7 +460,7 @@ def bench_max_batch(seq: int = 256, step: int = 8, budget_s: float = 100.0, loss
              loss_chunk_tokens=loss_chunk_tokens)
 
 
-PARTS = {"check": check_correctness, "ffn": bench_ffn, "step": bench_step, "maxbatch": bench_max_batch,
+PARTS = {"check": check_correctness, "elementwise": bench_elementwise, "ffn": bench_ffn, "step": bench_step, "maxbatch": bench_max_batch,
          "profile": profile_moc, "micro": micro}
 
 

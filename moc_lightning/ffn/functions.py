@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
-from moc_lightning.ffn.topk import select_channels
+from moc_lightning.ffn.topk import row_indices_ascending, select_channels
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,7 +63,7 @@ class MoCFunction(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down, k: int, group: Optional[tuple[int, int]], placement: str,
                 recompute: bool, backend: str, kernel: str):
         if kernel == "triton":
-            pack, ctx.slot_group = _triton_forward(x, w_gate, w_up, k, group, placement, not recompute, backend)
+            pack, ctx.slot_order = _triton_forward(x, w_gate, w_up, k, group, placement, not recompute, backend)
             out = F.linear(pack.z_dense, w_down)
             saved = [x, w_gate, w_up, w_down, pack.idx, pack.g_sel, pack.u_sel]
             if not recompute:
@@ -119,11 +119,14 @@ def _torch_backward(ctx, grad_out):
 
 
 def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
-    """(the kernels' ForwardPack, the group whose slot order the compact tensors follow or None).
+    """(the kernels' ForwardPack, the order of its compact slots: an (a, b) group whose slot
+    order they follow, "ascending" channels within each row, or None for any order).
 
     G and U come from one GEMM against [W_gate; W_up] (measured faster than two, concatenation
     included). a:b groups with a power-of-two b are selected inside the kernel unless a Top-K
-    backend is named explicitly; the rest goes through select_channels and the gather kernel.
+    backend is named explicitly; the rest goes through select_channels and the gather kernel,
+    which keeps the order of the indices: ascending where the backend lists each row's channels
+    so, and then backward takes the ordered kernel.
     """
     moc_train = _kernels()
     d_ffn = w_gate.shape[0]
@@ -133,7 +136,8 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     if group is not None and backend == "auto" and moc_train.group_fusable(group):
         return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
     idx = select_channels(g, k=k, group=group, placement=placement, backend=backend)
-    return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), None
+    ascending = group is None and row_indices_ascending(backend, g.device)
+    return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), ("ascending" if ascending else None)
 
 
 def _triton_backward(ctx, grad_out):
@@ -145,8 +149,10 @@ def _triton_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grad_z = grad_out @ w_down
     s_sel, z_sel = stored if stored else (None, None)
-    if ctx.slot_group is not None:
-        buf = moc_train.group_backward(grad_z, idx, g_sel, u_sel, ctx.slot_group, s_sel, z_sel)
+    if ctx.slot_order == "ascending":
+        buf = moc_train.ordered_backward(grad_z, idx, g_sel, u_sel, s_sel, z_sel)
+    elif ctx.slot_order is not None:
+        buf = moc_train.group_backward(grad_z, idx, g_sel, u_sel, ctx.slot_order, s_sel, z_sel)
     else:
         buf = moc_train.scatter_backward(grad_z, idx, g_sel, u_sel, s_sel, z_sel)
     del grad_z

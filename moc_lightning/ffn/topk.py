@@ -1,6 +1,8 @@
 """Which channels MoC keeps: row Top-K or grouped a:b Top-K, ranked before or after SiLU.
 
-Backends return compact int64 indices (rows x kept channels, in no particular order). `torch` is
+Backends return compact int64 indices (rows x kept channels, in no particular order unless the
+backend registers `row_ascending`: then its row Top-K lists each row's channels in ascending
+order, which MoC's Triton training kernels exploit). `torch` is
 plain `torch.topk`; GPU backends register themselves with `register_backend` when their kernels
 are importable, and `auto` takes the first registered one that runs on the tensor's device.
 """
@@ -20,11 +22,17 @@ _WHY_NOT: dict[str, Callable] = {}
 _AUTO_ON: dict[str, Callable] = {}
 # `auto` tries these in order; faster backends are inserted in front when they register.
 _AUTO_ORDER: list[str] = []
+# backends whose row Top-K returns each row's indices in ascending channel order
+_ROW_ASCENDING: set[str] = set()
 
 
 def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False,
-                     why_not: Optional[Callable] = None, auto_on: Optional[Callable] = None):
+                     why_not: Optional[Callable] = None, auto_on: Optional[Callable] = None,
+                     row_ascending: bool = False):
     _BACKENDS[name] = (runs_on, row_topk, group_topk)
+    _ROW_ASCENDING.discard(name)
+    if row_ascending:
+        _ROW_ASCENDING.add(name)
     if why_not is not None:
         _WHY_NOT[name] = why_not
     if auto_on is not None:
@@ -47,6 +55,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"topk_backend = {name!r} does not run on {device}: {why or 'no reason given'}; "
                          "use 'auto' or 'torch' instead")
     return name
+
+
+def row_indices_ascending(backend: str, device: torch.device) -> bool:
+    """Whether `backend` (as resolved on `device`) returns row Top-K indices in ascending
+    channel order within each row."""
+    return resolve_backend(backend, device) in _ROW_ASCENDING
 
 
 def channel_scores(g: torch.Tensor, placement: str) -> torch.Tensor:
@@ -101,6 +115,7 @@ from moc_lightning.kernels import raft_select_k, topk_triton  # noqa: E402
 
 # `auto` takes triton on CUDA only: on CPU it runs in triton's interpreter, for tests that name it.
 register_backend("triton", topk_triton.runs_on, topk_triton.row_topk, topk_triton.group_topk, prefer=True,
-                 why_not=topk_triton.unavailable_reason, auto_on=lambda device: torch.device(device).type == "cuda")
+                 why_not=topk_triton.unavailable_reason, auto_on=lambda device: torch.device(device).type == "cuda",
+                 row_ascending=True)
 register_backend("raft", raft_select_k.runs_on, raft_select_k.row_topk, raft_select_k.group_topk,
                  why_not=raft_select_k.unavailable_reason)

@@ -440,8 +440,9 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
 def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = None,
              num_warps: Optional[int] = None, split: Optional[bool] = None, int_count: bool = False,
              packed: Optional[bool] = None) -> torch.Tensor:
-    """Indices (int64, rows x k, unordered) of the k largest scores of each row (NaN ranks as
-    -inf). Rows wider than MAX_BLOCK channels do not fit one program and go to torch.topk.
+    """Indices (int64, rows x k) of the k largest scores of each row (NaN ranks as -inf), in
+    ascending channel order within each row (MoC's ordered training kernels rely on it). Rows
+    wider than MAX_BLOCK channels do not fit one program and go to torch.topk, sorted.
 
     bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
     launch setting other than num_warps also selects the float32 kernel)."""
@@ -450,7 +451,7 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
     if not 1 <= k <= width:
         raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
     if width > MAX_BLOCK:
-        return torch.topk(scores, k, dim=-1, sorted=False).indices
+        return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
     out = torch.empty(rows, k, dtype=torch.int64, device=scores.device)
     if rows == 0:
         return out
