@@ -10,10 +10,13 @@ backward  grad_Z = grad_out W_down (rows x d_ffn) plus the compact tensors -> on
           [Z' | grad_G' | grad_U'] (rows x 3 d_ffn), so that grad W_down, [grad W_gate; grad W_up]
           and grad x are one GEMM each on views of it.
 
-Two ways to know which channels are kept:
+Three ways to know which channels are kept:
 - any indices (row Top-K from a Top-K backend): the kernels gather at the indices and scatter into
   dense rows they first zero (a CTA barrier orders the zeros before the scattered values, so the
   rows reach memory once, as whole lines);
+- indices ascending within each row (the triton row Top-K's): the forward is the gather kernel
+  above, which keeps that order, and the backward finds each column's compact slot by a binary
+  search in a window of the compact run, writing whole tiles (no zeroing, no scattered stores);
 - grouped a:b Top-K with b a power of two up to 64: a tile holds whole groups, so the forward
   kernel selects the a best of each group itself (a rounds of argmax), stores group j's picks at
   compact slots [j*a, j*a + a), and every dense tile, forward and backward, is written whole and
