@@ -19,7 +19,7 @@ _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 import triton  # noqa: E402,F401  (these tests need triton; CI installs it with torch)
 
-from moc_lightning.kernels import moc_train, topk_triton  # noqa: E402
+from moc_lightning.kernels import moc_train  # noqa: E402
 
 if type(moc_train._scatter_forward_kernel).__name__ != "InterpretedFunction":
     moc_train = importlib.reload(moc_train)  # imported earlier without the switch
@@ -214,56 +214,14 @@ def test_ordered_backward_equals_scatter_backward_and_the_formulas(rows, width, 
                                    rtol=1e-5, atol=1e-6)  # float32 kernel against float64
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the word kernel's threshold, torch's
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("stored", [False, True])
-@pytest.mark.parametrize("rows,width,k", [(5, 70, 9), (3, 300, 64), (4, 38, 38), (4, 40, 1), (6, 33, 20)])
-def test_threshold_forward_equals_the_gather_forward_on_row_topk(rows, width, k, ties, stored, dtype):
-    """Same channels (above T, then the first `need` equal to T), same order, same bits; NaN
-    gate values rank as -inf in both."""
-    torch.manual_seed(rows * width + k)
-    g = (torch.randint(-3, 3, (rows, width)) if ties else torch.randn(rows, width)).to(dtype)
-    g[0, :2] = float("nan")
-    u = torch.randn(rows, width).to(dtype)
-    thr, need = topk_triton.row_threshold(g, k)
-    got = moc_train.threshold_forward(g, u, thr, need, k, torch.int16, stored)
-    want = moc_train.scatter_forward(g, u, topk_triton.row_topk(g, k), torch.int16, stored)
-    assert got.idx.shape == (rows, k) and bool((got.idx.diff(dim=1) > 0).all())
-    for name, a, b in zip(got._fields, got, want):
-        if b is None:
-            assert a is None, name
-        else:
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
-
-
-def test_threshold_forward_refuses_thresholds_of_another_shape():
-    g = torch.randn(4, 20)
-    with pytest.raises(ValueError, match="one value per row"):
-        moc_train.threshold_forward(g, g, torch.zeros(3), torch.zeros(4, dtype=torch.int32), 5, torch.int16, False)
-
-
-def test_pre_silu_row_topk_on_triton_goes_through_the_threshold_forward(monkeypatch):
-    calls = []
-    forward = moc_train.threshold_forward
-    monkeypatch.setattr(moc_train, "threshold_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
-    x = torch.randn(13, 16)
-    for backend, placement, expected in (("triton", "pre_silu", 1), ("triton", "post_silu", 0), ("torch", "pre_silu", 0)):
-        calls.clear()
-        cfg = FFNConfig(kind="moc", d_model=16, d_ffn=70, k=9, placement=placement, topk_backend=backend,
-                        moc_kernel="triton")
-        build_ffn(cfg)(x)
-        assert len(calls) == expected, (backend, placement)
-
-
 def test_triton_row_topk_sends_backward_through_the_ordered_kernel(monkeypatch):
     calls = []
     ordered = moc_train.ordered_backward
     monkeypatch.setattr(moc_train, "ordered_backward", lambda *a, **kw: calls.append(1) or ordered(*a, **kw))
     x = torch.randn(13, 16, requires_grad=True)
-    for backend, placement, expected in (("torch", "pre_silu", 0), ("triton", "pre_silu", 1), ("triton", "post_silu", 1)):
+    for backend, expected in (("torch", 0), ("triton", 1)):
         calls.clear()
-        cfg = FFNConfig(kind="moc", d_model=16, d_ffn=70, k=9, placement=placement, topk_backend=backend,
-                        moc_kernel="triton")
+        cfg = FFNConfig(kind="moc", d_model=16, d_ffn=70, k=9, topk_backend=backend, moc_kernel="triton")
         build_ffn(cfg)(x).sum().backward()
         assert len(calls) == expected, backend
 

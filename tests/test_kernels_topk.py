@@ -131,21 +131,6 @@ def test_bf16_word_kernel_takes_even_widths_and_strides_only(interpret):
     assert_row_topk(wide[:, 1:], topk_triton.row_topk(wide[:, 1:], 7), 7)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)  # bf16: the word kernel without placement; fp32: torch.topk's value
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("rows,width,k", [(5, 70, 9), (3, 2736, 512), (4, 38, 38), (4, 40, 1)])
-def test_row_threshold_describes_the_channels_row_topk_keeps(interpret, dtype, ties, rows, width, k):
-    scores = random_scores(rows, width, dtype, ties)
-    scores[0, :2] = float("nan")
-    thr, need = topk_triton.row_threshold(scores, k)
-    assert thr.dtype == torch.float32 and need.dtype == torch.int32 and thr.shape == need.shape == (rows,)
-    values = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    equal = values == thr[:, None]
-    keep = (values > thr[:, None]) | (equal & (equal.int().cumsum(dim=1) <= need[:, None]))
-    kept = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, topk_triton.row_topk(scores, k), True)
-    assert torch.equal(keep, kept)
-
-
 def test_rows_wider_than_one_program_go_to_torch_topk_in_ascending_order(interpret):
     scores = torch.randn(2, topk_triton.MAX_BLOCK + 5)
     assert_row_topk(scores, topk_triton.row_topk(scores, 40), 40)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
-from moc_lightning.ffn.topk import row_indices_ascending, row_threshold_of, select_channels
+from moc_lightning.ffn.topk import row_indices_ascending, select_channels
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -124,12 +124,9 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
 
     G and U come from one GEMM against [W_gate; W_up] (measured faster than two, concatenation
     included). a:b groups with a power-of-two b are selected inside the kernel unless a Top-K
-    backend is named explicitly. Row Top-K of G (pre_silu) from a backend with a threshold form
-    goes to the threshold forward, which places the kept channels itself in ascending order
-    (measured faster than the Top-K's own placement followed by the gather). The rest goes
-    through select_channels and the gather kernel, which keeps the order of the indices:
-    ascending where the backend lists each row's channels so. Ascending compact tensors take the
-    ordered backward.
+    backend is named explicitly; the rest goes through select_channels and the gather kernel,
+    which keeps the order of the indices: ascending where the backend lists each row's channels
+    so, and then backward takes the ordered kernel.
     """
     moc_train = _kernels()
     d_ffn = w_gate.shape[0]
@@ -138,10 +135,6 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     idx_dtype = index_dtype(d_ffn)
     if group is not None and backend == "auto" and moc_train.group_fusable(group):
         return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
-    thresholds = row_threshold_of(backend, g.device) if group is None and placement == "pre_silu" else None
-    if thresholds is not None:
-        thr, need = thresholds(g, k)
-        return moc_train.threshold_forward(g, u, thr, need, k, idx_dtype, store_sz), "ascending"
     idx = select_channels(g, k=k, group=group, placement=placement, backend=backend)
     ascending = group is None and row_indices_ascending(backend, g.device)
     return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), ("ascending" if ascending else None)

@@ -24,20 +24,15 @@ _AUTO_ON: dict[str, Callable] = {}
 _AUTO_ORDER: list[str] = []
 # backends whose row Top-K returns each row's indices in ascending channel order
 _ROW_ASCENDING: set[str] = set()
-# name -> row_threshold(scores, k) -> (T, need): the row Top-K as a threshold and a tie count
-_ROW_THRESHOLD: dict[str, Callable] = {}
 
 
 def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False,
                      why_not: Optional[Callable] = None, auto_on: Optional[Callable] = None,
-                     row_ascending: bool = False, row_threshold: Optional[Callable] = None):
+                     row_ascending: bool = False):
     _BACKENDS[name] = (runs_on, row_topk, group_topk)
     _ROW_ASCENDING.discard(name)
     if row_ascending:
         _ROW_ASCENDING.add(name)
-    _ROW_THRESHOLD.pop(name, None)
-    if row_threshold is not None:
-        _ROW_THRESHOLD[name] = row_threshold
     if why_not is not None:
         _WHY_NOT[name] = why_not
     if auto_on is not None:
@@ -66,13 +61,6 @@ def row_indices_ascending(backend: str, device: torch.device) -> bool:
     """Whether `backend` (as resolved on `device`) returns row Top-K indices in ascending
     channel order within each row."""
     return resolve_backend(backend, device) in _ROW_ASCENDING
-
-
-def row_threshold_of(backend: str, device: torch.device) -> Optional[Callable]:
-    """`backend`'s (as resolved on `device`) row Top-K in threshold form, row_threshold(scores,
-    k) -> (each row's k-th largest score T, need = k - #(scores > T)), or None where it has none.
-    The kept channels are then those above T and the first `need` equal to T in channel order."""
-    return _ROW_THRESHOLD.get(resolve_backend(backend, device))
 
 
 def channel_scores(g: torch.Tensor, placement: str) -> torch.Tensor:
@@ -128,6 +116,6 @@ from moc_lightning.kernels import raft_select_k, topk_triton  # noqa: E402
 # `auto` takes triton on CUDA only: on CPU it runs in triton's interpreter, for tests that name it.
 register_backend("triton", topk_triton.runs_on, topk_triton.row_topk, topk_triton.group_topk, prefer=True,
                  why_not=topk_triton.unavailable_reason, auto_on=lambda device: torch.device(device).type == "cuda",
-                 row_ascending=True, row_threshold=topk_triton.row_threshold)
+                 row_ascending=True)
 register_backend("raft", raft_select_k.runs_on, raft_select_k.row_topk, raft_select_k.group_topk,
                  why_not=raft_select_k.unavailable_reason)

@@ -10,16 +10,13 @@ backward  grad_Z = grad_out W_down (rows x d_ffn) plus the compact tensors -> on
           [Z' | grad_G' | grad_U'] (rows x 3 d_ffn), so that grad W_down, [grad W_gate; grad W_up]
           and grad x are one GEMM each on views of it.
 
-Four ways to know which channels are kept:
+Three ways to know which channels are kept:
 - any indices (row Top-K from a Top-K backend): the kernels gather at the indices and scatter into
   dense rows they first zero (a CTA barrier orders the zeros before the scattered values, so the
   rows reach memory once, as whole lines);
 - indices ascending within each row (the triton row Top-K's): the forward is the gather kernel
   above, which keeps that order, and the backward finds each column's compact slot by a binary
   search in a window of the compact run, writing whole tiles (no zeroing, no scattered stores);
-- a row threshold and tie count (the triton row Top-K without its placement): the forward
-  selects and places the kept channels itself while it reads G and U as whole tiles, in
-  ascending channel order, and the backward is the ordered one;
 - grouped a:b Top-K with b a power of two up to 64: a tile holds whole groups, so the forward
   kernel selects the a best of each group itself (a rounds of argmax), stores group j's picks at
   compact slots [j*a, j*a + a), and every dense tile, forward and backward, is written whole and
@@ -171,51 +168,6 @@ if TRITON_AVAILABLE:
             tl.store(out, z, mask=ok)
             tl.store(out + width, (u * gz * ds).to(BUF.dtype.element_ty), mask=ok)
             tl.store(out + 2 * width, (s * gz).to(BUF.dtype.element_ty), mask=ok)
-
-    # --- a row threshold instead of indices: the forward places the kept channels itself -------
-    # Given each row's k-th largest G, T, and need = k - #(G > T) (topk_triton.row_threshold, the
-    # row Top-K without its placement), the forward walks the row in column tiles: a tile's kept
-    # channels are those above T and the equal ones while fewer than `need` equal ones came
-    # before, and their compact slots follow from a prefix sum carried across the tiles. G and U
-    # are read as whole tiles, Z' is written whole, and the compact tensors come out in
-    # ascending channel order: exactly the channels, order and values of row_topk and the gather
-    # forward, without the Top-K's placement pass over registers.
-
-    @triton.jit
-    def _threshold_forward_kernel(G, U, THR, NEED, ZD, IX, GS, US, SS, ZS, n_rows, width, s_g, s_u, s_zd, s_c,
-                                  STORE_SZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        r = rows.to(tl.int64)[:, None]
-        t = tl.load(THR + rows, mask=row_ok, other=0.0)[:, None]
-        need = tl.load(NEED + rows, mask=row_ok, other=0)[:, None]
-        lane = tl.arange(0, BLOCK_F)[None, :]
-        start = tl.zeros([BLOCK_R], tl.int32)   # slots placed so far in each row
-        equal_seen = tl.zeros([BLOCK_R], tl.int32)  # values equal to T met so far
-        for f0 in range(0, width, BLOCK_F):
-            cols = f0 + lane
-            ok = row_ok[:, None] & (cols < width)
-            g_raw = tl.load(G + r * s_g + cols, mask=ok, other=0.0)
-            u_raw = tl.load(U + r * s_u + cols, mask=ok, other=0.0)
-            g = g_raw.to(tl.float32)
-            score = tl.where(g != g, float("-inf"), g)  # NaN ranks as -inf, as in the Top-K
-            equal = (ok & (score == t)).to(tl.int32)
-            rank = equal_seen[:, None] + tl.cumsum(equal, axis=1) - equal
-            keep = (ok & (score > t)) | ((equal == 1) & (rank < need))
-            kept = keep.to(tl.int32)
-            slot = start[:, None] + tl.cumsum(kept, axis=1) - kept
-            _, s, _ = _silu_parts(g)
-            z = (s * u_raw.to(tl.float32)).to(ZD.dtype.element_ty)
-            tl.store(ZD + r * s_zd + cols, tl.where(keep, z, 0.0).to(ZD.dtype.element_ty), mask=ok)
-            compact = r * s_c + slot
-            tl.store(IX + compact, cols.to(IX.dtype.element_ty), mask=keep)
-            tl.store(GS + compact, g_raw, mask=keep)
-            tl.store(US + compact, u_raw, mask=keep)
-            if STORE_SZ:
-                tl.store(SS + compact, s.to(SS.dtype.element_ty), mask=keep)
-                tl.store(ZS + compact, z, mask=keep)
-            start += tl.sum(kept, axis=1)
-            equal_seen += tl.sum(equal, axis=1)
 
     # --- indices in ascending channel order: backward tiles written whole ------------------------
     # The row Top-K kernel lists each row's kept channels in ascending order, and scatter_forward
@@ -373,11 +325,6 @@ if TRITON_AVAILABLE:
         for r, f, w in ((2, 64, 2), (1, 64, 1), (2, 64, 1), (1, 64, 2), (4, 64, 4), (2, 32, 1))
     ]
     _ordered_backward_tuned = _tuned(_ordered_backward_kernel, _ORDERED_CONFIGS, ["width", "kept", "STORED"])
-    _THRESHOLD_CONFIGS = [
-        triton.Config({"BLOCK_R": r, "BLOCK_F": f}, num_warps=w)
-        for r, f, w in ((2, 256, 4), (4, 128, 4), (2, 128, 2), (1, 256, 2), (4, 256, 4), (8, 128, 4), (1, 512, 4))
-    ]
-    _threshold_forward_tuned = _tuned(_threshold_forward_kernel, _THRESHOLD_CONFIGS, ["width", "STORE_SZ"])
     _scatter_forward_tuned = _tuned(_scatter_forward_kernel, _ELEMENTWISE_CONFIGS, ["width", "kept", "STORE_SZ"])
     _scatter_backward_tuned = _tuned(_scatter_backward_kernel, _ELEMENTWISE_CONFIGS, ["width", "kept", "STORED"])
     _group_forward_tuned = _tuned(_group_forward_kernel, _GROUP_CONFIGS,
@@ -389,7 +336,6 @@ if TRITON_AVAILABLE:
 _INTERPRET_ELEMENTWISE = {"BLOCK_R": 8, "BLOCK_F": 32, "BLOCK_K": 8}
 _INTERPRET_GROUP = {"BLOCK_R": 16, "GROUPS": 4}
 _INTERPRET_ORDERED = {"BLOCK_R": 4, "BLOCK_F": 16, "LOG_F": 4}
-_INTERPRET_THRESHOLD = {"BLOCK_R": 4, "BLOCK_F": 16}
 
 
 def _launch(tuned, kernel, interpret_meta, grid, *args, **constexprs):
@@ -428,24 +374,6 @@ def scatter_forward(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, index_d
     _launch(_scatter_forward_tuned, _scatter_forward_kernel, _INTERPRET_ELEMENTWISE,
             _rows_grid(rows), g, u, idx, z_dense, ix, gs, us, ss, zs, rows, width, kept,
             g.stride(0), u.stride(0), idx.stride(0), z_dense.stride(0), kept, STORE_SZ=store_sz)
-    return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
-
-
-def threshold_forward(g: torch.Tensor, u: torch.Tensor, thr: torch.Tensor, need: torch.Tensor, k: int,
-                      index_dtype: torch.dtype, store_sz: bool) -> ForwardPack:
-    """scatter_forward's outputs for row Top-K given as each row's threshold and tie count
-    (topk_triton.row_threshold): the k kept channels of each row in ascending channel order."""
-    require(g.device)
-    _check_rows(g, u)
-    rows, width = g.shape
-    if thr.shape != (rows,) or need.shape != (rows,):
-        raise ValueError(f"thr and need must hold one value per row ({rows}), got {tuple(thr.shape)} "
-                         f"and {tuple(need.shape)}")
-    z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
-    ix, gs, us, ss, zs = _compact_outputs(rows, k, g, index_dtype, store_sz)
-    _launch(_threshold_forward_tuned, _threshold_forward_kernel, _INTERPRET_THRESHOLD,
-            _rows_grid(rows), g, u, thr.contiguous(), need.contiguous(), z_dense, ix, gs, us, ss, zs, rows, width,
-            g.stride(0), u.stride(0), z_dense.stride(0), k, STORE_SZ=store_sz)
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
 
 

@@ -258,42 +258,20 @@ def _pair_slots(p, valid, t, flags, offset, need):
     return keep_lo, keep_hi, slot_lo, slot_hi
 
 
-def _pair_row(base, n_pairs, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr,
-              ASM: tl.constexpr):
-    """A row's words in two register pieces (BLOCK_A, then BLOCK_B words; the second piece is the
-    first again when not HAS_B), NaN halves made -inf: (w_a, valid_a, p_a, w_b, valid_b, p_b)."""
-    w_a = tl.arange(0, BLOCK_A)
-    valid_a = w_a < n_pairs
-    # Padding is -inf in both halves: 0xFF80FF80 as a signed int32.
-    p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=valid_a, other=-8323200), ASM)
-    w_b, valid_b, p_b = w_a, valid_a, p_a
-    if HAS_B:
-        w_b = BLOCK_A + tl.arange(0, BLOCK_B)
-        valid_b = w_b < n_pairs
-        p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
-    return w_a, valid_a, p_a, w_b, valid_b, p_b
-
-
-def _bf16_pair_threshold(words_ptr, thr_ptr, need_ptr, n_pairs, k, in_row_stride,
-                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr):
-    """One row per program: its threshold T and need = k - #(values above T), nothing placed."""
-    row = tl.program_id(0).to(tl.int64)
-    w_a, valid_a, p_a, w_b, valid_b, p_b = _pair_row(words_ptr + row * in_row_stride, n_pairs, BLOCK_A, BLOCK_B,
-                                                      HAS_B, ASM)
-    t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
-    totals = tl.sum(_pair_flags(p_a, valid_a, t), axis=0)
-    if HAS_B:
-        totals += tl.sum(_pair_flags(p_b, valid_b, t), axis=0)
-    tl.store(thr_ptr + row, t)
-    tl.store(need_ptr + row, k - (totals >> 16))
-
-
 def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr):
     """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words)."""
     row = tl.program_id(0).to(tl.int64)
-    w_a, valid_a, p_a, w_b, valid_b, p_b = _pair_row(words_ptr + row * in_row_stride, n_pairs, BLOCK_A, BLOCK_B,
-                                                      HAS_B, ASM)
+    base = words_ptr + row * in_row_stride
+    w_a = tl.arange(0, BLOCK_A)
+    valid_a = w_a < n_pairs
+    # Padding is -inf in both halves: 0xFF80FF80 as a signed int32.
+    p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=valid_a, other=-8323200), ASM)
+    p_b = p_a
+    if HAS_B:
+        w_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        valid_b = w_b < n_pairs
+        p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
     t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
 
     flags_a = _pair_flags(p_a, valid_a, t)
@@ -348,7 +326,7 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
 _HELPERS = {f.__name__: f for f in (_pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
-                                    _pair_halves_vs, _pair_flags, _pair_slots, _pair_row)}
+                                    _pair_halves_vs, _pair_flags, _pair_slots)}
 
 
 def _import_triton() -> None:
@@ -490,32 +468,6 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
                      segs_per_program=segs_per_program, num_warps=num_warps, split=split,
                      int_count=int_count)
     return out
-
-
-def row_threshold(scores: torch.Tensor, k: int, *, num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's k-th largest score T (float32) and need = k - #(scores above T) (int32): the
-    channels row_topk keeps are those above T and the first `need` equal to T in channel order,
-    so a kernel that walks the row in channel order can place them itself (MoC's threshold
-    forward does). NaN ranks as -inf. bf16 rows of an even width take the word kernel without its
-    placement; other rows take torch.topk's k-th value."""
-    bits, _ = _raw_bits(scores)
-    rows, width = scores.shape
-    if not 1 <= k <= width:
-        raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
-    words = bf16_words(scores) if width <= MAX_BLOCK else None
-    if words is None or rows == 0:
-        values = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-        thr = torch.topk(values, k, dim=1).values[:, -1].contiguous()
-        return thr, (k - (values > thr[:, None]).sum(dim=1)).to(torch.int32)
-    thr = torch.empty(rows, dtype=torch.float32, device=scores.device)
-    need = torch.empty(rows, dtype=torch.int32, device=scores.device)
-    n_pairs = words.shape[1]
-    block_a, block_b = split_blocks(n_pairs)
-    _, default_warps = _launch_config(2 * (block_a + block_b))
-    _kernel(_bf16_pair_threshold)[(rows,)](
-        words, thr, need, n_pairs, k, words.stride(0), BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
-        ASM=packed_compare_in_asm(words.device), num_warps=num_warps or default_warps)
-    return thr, need
 
 
 def group_topk(scores: torch.Tensor, a: int, b: int, *, groups_per_program: Optional[int] = None,
