@@ -17,6 +17,7 @@ Parts (JSON lines through moc_lightning.bench.common, bench "train"):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -198,6 +199,20 @@ def bench_elementwise() -> bool:
 # --- (b) FFN forward + backward ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """MoC's Triton path for the triton row Top-K: `default` (the gather forward, the ordered
+    backward) or `scatter_kernels` (the gather forward and the scatter backward, as if the
+    indices came in any order), for side-by-side timing."""
+    ascending = functions.row_indices_ascending
+    if path == "scatter_kernels":
+        functions.row_indices_ascending = lambda backend, device: False
+    try:
+        yield
+    finally:
+        functions.row_indices_ascending = ascending
+
+
 def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     dense = FFNConfig(kind="swiglu", **SHAPE_350M)
     moc = FFNConfig(kind="moc", **SHAPE_350M)
@@ -209,9 +224,10 @@ def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     ]
     for backend in topk_backends():
         variants.append((f"moc_k512_triton_topk_{backend}", moc.replace(moc_kernel="triton", topk_backend=backend), {}))
-    # The row Top-K's ascending indices through the scatter kernels instead of the ordered ones.
-    variants.append(("moc_k512_triton_topk_triton_scatter_kernels", moc.replace(moc_kernel="triton", topk_backend="triton"),
-                     {"scatter": True}))
+    # The triton row Top-K through the earlier kernels, side by side with the default path.
+    for path in ("scatter_kernels",):
+        variants.append((f"moc_k512_triton_topk_triton_{path}", moc.replace(moc_kernel="triton", topk_backend="triton"),
+                         {"path": path}))
     variants += [
         ("moc_k512_stored_triton", moc.replace(moc_kernel="triton", recompute=False), {}),
         ("moc_2:8_torch_kernel", moc.replace(group="2:8", moc_kernel="torch"), {}),
@@ -256,23 +272,19 @@ def bench_ffn() -> None:
     for label, cfg, opts in ffn_variants():
         module = build(cfg)
         runner = torch.compile(module) if opts.get("compile") else module
-        ascending = functions.row_indices_ascending
-        if opts.get("scatter"):
-            functions.row_indices_ascending = lambda backend, device: False
         try:
-            step = fwd_bwd(runner, x, grad_out)
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            ms = time_ms(step)
-            peak = torch.cuda.max_memory_allocated() - base
-            nbytes = measure_saved_bytes(runner, x).total
+            with kernel_path(opts.get("path", "default")):
+                step = fwd_bwd(runner, x, grad_out)
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                ms = time_ms(step)
+                peak = torch.cuda.max_memory_allocated() - base
+                nbytes = measure_saved_bytes(runner, x).total
         except Exception as exc:  # a variant that fails is reported, the others still run
             emit(BENCH, "ffn_error", 0.0, "error", variant=label, error=f"{type(exc).__name__}: {exc}"[:300])
             continue
-        finally:
-            functions.row_indices_ascending = ascending
         times[label], saved[label] = ms, nbytes
         emit(BENCH, "ffn_fwd_bwd", times[label], "ms", variant=label, tokens=rows, k=cfg.k, group=cfg.group,
              **SHAPE_350M)
@@ -370,23 +382,22 @@ STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("mo
 
 def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
-    ascending = functions.row_indices_ascending
     for label, ffn in STEP_FFNS:
-        # the row Top-K's indices through the scatter kernels instead of the ordered ones
-        functions.row_indices_ascending = (lambda backend, device: False) if "scatter" in label else ascending
+        path = "scatter_kernels" if label.endswith("scatter_kernels") else "default"
         model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1
         while True:
             try:
-                for _ in range(2):  # warm-up: kernels compile and autotune, the optimizer allocates its state
-                    _train_step(model, opt, ids, micro_batches)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                for _ in range(steps):
-                    _train_step(model, opt, ids, micro_batches)
-                torch.cuda.synchronize()
+                with kernel_path(path):
+                    for _ in range(2):  # warm-up: kernels compile and autotune, the optimizer allocates its state
+                        _train_step(model, opt, ids, micro_batches)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        _train_step(model, opt, ids, micro_batches)
+                    torch.cuda.synchronize()
                 break
             except torch.cuda.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
@@ -405,7 +416,6 @@ def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
-    functions.row_indices_ascending = ascending
     for label, (tps, peak) in results.items():
         emit(BENCH, "step_tokens_per_s_vs_dense", tps / results["swiglu"][0], "x", model="llama-350m", ffn=label,
              loss_chunk_tokens=loss_chunk_tokens)
