@@ -224,10 +224,9 @@ def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     ]
     for backend in topk_backends():
         variants.append((f"moc_k512_triton_topk_{backend}", moc.replace(moc_kernel="triton", topk_backend=backend), {}))
-    # The triton row Top-K through the earlier kernels, side by side with the default path.
-    for path in ("scatter_kernels",):
-        variants.append((f"moc_k512_triton_topk_triton_{path}", moc.replace(moc_kernel="triton", topk_backend="triton"),
-                         {"path": path}))
+    # The triton row Top-K through the scatter backward, side by side with the default path.
+    variants.append(("moc_k512_triton_topk_triton_scatter_kernels",
+                     moc.replace(moc_kernel="triton", topk_backend="triton"), {"path": "scatter_kernels"}))
     variants += [
         ("moc_k512_stored_triton", moc.replace(moc_kernel="triton", recompute=False), {}),
         ("moc_2:8_torch_kernel", moc.replace(group="2:8", moc_kernel="torch"), {}),

@@ -98,6 +98,11 @@ def _compact_outputs(rows: int, kept: int, like: torch.Tensor, index_dtype: torc
     return new(index_dtype), new(), new(), (new() if store_sz else dummy), (new() if store_sz else dummy)
 
 
+def _ordered_meta(block_r: int, block_f: int) -> dict:
+    """The ordered backward's tile (BLOCK_F a power of two) and its binary search's LOG_F rounds."""
+    return {"BLOCK_R": block_r, "BLOCK_F": block_f, "LOG_F": block_f.bit_length() - 1}
+
+
 if TRITON_AVAILABLE:
 
     @triton.jit
@@ -106,6 +111,12 @@ if TRITON_AVAILABLE:
         sig = tl.sigmoid(g)
         return sig, g * sig, sig * (1.0 + g * (1.0 - sig))
 
+    @triton.jit
+    def _row_block(n_rows, BLOCK_R: tl.constexpr):
+        """This program's BLOCK_R rows: their numbers, which exist, and int64 row offsets (rows, 1)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return rows, rows < n_rows, rows.to(tl.int64)[:, None]
+
     # --- any indices: gather, then scatter into zeroed rows --------------------------------------
 
     @triton.jit
@@ -113,9 +124,7 @@ if TRITON_AVAILABLE:
                                 s_g, s_u, s_idx, s_zd, s_c,
                                 STORE_SZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        r = rows.to(tl.int64)[:, None]
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         for f0 in range(0, width, BLOCK_F):
             cols = f0 + tl.arange(0, BLOCK_F)[None, :]
             tl.store(ZD + r * s_zd + cols, tl.zeros([BLOCK_R, BLOCK_F], ZD.dtype.element_ty),
@@ -142,9 +151,7 @@ if TRITON_AVAILABLE:
     def _scatter_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, kept, s_gz, s_c, s_buf,
                                  STORED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                                  BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        r = rows.to(tl.int64)[:, None]
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         for f0 in range(0, 3 * width, BLOCK_F):
             cols = f0 + tl.arange(0, BLOCK_F)[None, :]
             tl.store(BUF + r * s_buf + cols, tl.zeros([BLOCK_R, BLOCK_F], BUF.dtype.element_ty),
@@ -198,9 +205,7 @@ if TRITON_AVAILABLE:
     def _ordered_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, kept, s_gz, s_c, s_buf,
                                  STORED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                                  LOG_F: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        r = rows.to(tl.int64)[:, None]
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         lane = tl.arange(0, BLOCK_F)[None, :]
         start = tl.zeros([BLOCK_R], tl.int32)  # each row's first slot past the tiles done
         for f0 in range(0, width, BLOCK_F):
@@ -321,7 +326,7 @@ if TRITON_AVAILABLE:
     ]
     # 64-channel tiles of 1-4 rows; the fastest timed on an H200 were 2 rows and 2 warps.
     _ORDERED_CONFIGS = [
-        triton.Config({"BLOCK_R": r, "BLOCK_F": f, "LOG_F": f.bit_length() - 1}, num_warps=w)
+        triton.Config(_ordered_meta(r, f), num_warps=w)
         for r, f, w in ((2, 64, 2), (1, 64, 1), (2, 64, 1), (1, 64, 2), (4, 64, 4), (2, 32, 1))
     ]
     _ordered_backward_tuned = _tuned(_ordered_backward_kernel, _ORDERED_CONFIGS, ["width", "kept", "STORED"])
@@ -335,7 +340,7 @@ if TRITON_AVAILABLE:
 # (still smaller than the tests' shapes, so ragged edges are exercised).
 _INTERPRET_ELEMENTWISE = {"BLOCK_R": 8, "BLOCK_F": 32, "BLOCK_K": 8}
 _INTERPRET_GROUP = {"BLOCK_R": 16, "GROUPS": 4}
-_INTERPRET_ORDERED = {"BLOCK_R": 4, "BLOCK_F": 16, "LOG_F": 4}
+_INTERPRET_ORDERED = _ordered_meta(4, 16)
 
 
 def _launch(tuned, kernel, interpret_meta, grid, *args, **constexprs):
