@@ -47,9 +47,10 @@ def random_scores(rows: int, width: int, dtype: torch.dtype, ties: bool) -> torc
     return torch.randn(rows, width).to(dtype)
 
 
-def assert_row_topk(scores: torch.Tensor, idx: torch.Tensor, k: int):
+def assert_row_topk(scores: torch.Tensor, idx: torch.Tensor, k: int, dtype: torch.dtype = torch.int64):
     rows, width = scores.shape
-    assert idx.shape == (rows, k) and idx.dtype == torch.int64
+    assert idx.shape == (rows, k) and idx.dtype == dtype
+    idx = idx.long()
     assert int(idx.min()) >= 0 and int(idx.max()) < width
     for row in idx.tolist():
         assert len(set(row)) == k, "indices must be distinct"
@@ -118,6 +119,48 @@ def test_bf16_word_kernel_keeps_the_first_equal_channels_like_the_float_kernel(i
     assert torch.equal(packed.sort(dim=1).values, topk_triton.row_topk(scores, k, packed=False).sort(dim=1).values)
     stable = torch.argsort(scores.double(), dim=1, descending=True, stable=True)[:, :k]
     assert torch.equal(packed.sort(dim=1).values, stable.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("width,k", [(38, 5), (70, 70), (530, 100), (2736, 512)])
+@pytest.mark.parametrize("chunk", [4, 32, 256])
+def test_bf16_word_kernel_places_in_chunks_like_the_whole_row(interpret, width, k, chunk):
+    """Placement a few words at a time (the slot offset carried from chunk to chunk, a ragged
+    last chunk, one chunk wider than the row): the same indices, in the same slots, as the
+    whole-row placement, ties included."""
+    scores = random_scores(6, width, torch.bfloat16, ties=True)
+    scores[2] = torch.randn(width).bfloat16()  # one row without ties
+    chunked = topk_triton.row_topk(scores, k, packed=True, chunk=chunk)
+    assert_row_topk(scores, chunked, k)
+    assert torch.equal(chunked, topk_triton.row_topk(scores, k, packed=True, chunk=0))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int16])
+@pytest.mark.parametrize("dtype,packed", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, None)])
+def test_row_topk_writes_narrow_indices(interpret, out_dtype, dtype, packed):
+    scores = random_scores(5, 300, dtype, ties=True)
+    idx = topk_triton.row_topk(scores, 40, packed=packed, out_dtype=out_dtype)
+    assert_row_topk(scores, idx, 40, dtype=out_dtype)
+    assert torch.equal(idx.long(), topk_triton.row_topk(scores, 40, packed=packed))
+
+
+def test_row_topk_refuses_index_types_too_narrow_or_not_integer(interpret):
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        topk_triton.row_topk(torch.randn(2, 16), 3, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="torch.int16 cannot hold channel indices up to 32768"):
+        topk_triton.row_topk(torch.randn(1, 32769), 3, out_dtype=torch.int16)
+    with pytest.raises(ValueError, match="chunk = 3 must be 0"):
+        topk_triton.row_topk(torch.randn(2, 16).bfloat16(), 3, chunk=3)
+    wide = torch.randn(2, topk_triton.MAX_BLOCK + 5)  # the torch.topk fallback converts too
+    assert_row_topk(wide, topk_triton.row_topk(wide, 6, out_dtype=torch.int32), 6, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("group", [None, (2, 8)])
+def test_select_channels_returns_the_index_type_asked_for(interpret, backend, group):
+    g = torch.randn(10, 44)
+    narrow = select_channels(g, k=9, group=group, backend=backend, index_dtype=torch.int16)
+    assert narrow.dtype == torch.int16
+    assert torch.equal(narrow.long(), select_channels(g, k=9, group=group, backend=backend))
 
 
 def test_bf16_word_kernel_takes_even_widths_and_strides_only(interpret):

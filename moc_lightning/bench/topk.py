@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from moc_lightning.bench.common import Recorder, floor_ms, time_ms
+from moc_lightning.ffn.compact import index_dtype
 from moc_lightning.ffn.topk import _torch_group_topk, _torch_row_topk
 from moc_lightning.kernels import raft_select_k, topk_triton
 
@@ -32,8 +33,9 @@ GROUP_CHECKS = [(2048, 2736, 2, 8), (1000, 2740, 2, 8), (500, 1003, 3, 7), (300,
 
 def row_is_topk(scores: torch.Tensor, idx: torch.Tensor, k: int) -> bool:
     """k distinct in-range indices whose values are exactly torch.topk's (ties may pick any)."""
-    if idx.shape != (scores.shape[0], k) or idx.dtype != torch.int64:
+    if idx.shape != (scores.shape[0], k) or idx.dtype not in topk_triton.INDEX_DTYPES:
         return False
+    idx = idx.long()
     if int(idx.min()) < 0 or int(idx.max()) >= scores.shape[1]:
         return False
     if k > 1 and not bool((idx.sort(dim=1).values.diff(dim=1) != 0).all()):
@@ -89,18 +91,19 @@ def time_backends(rec: Recorder, backends: dict[str, tuple[Callable, Callable]],
     full, rest = divmod(width, b)
     kept_group = full * a + min(a, rest)
     read = scores.numel() * scores.element_size()
-    floors = {"row": floor_ms(read + rows * k * 8), "group": floor_ms(read + rows * kept_group * 8)}
     shape = dict(rows=rows, width=width, dtype="bfloat16")
-    rec.emit("row_floor_ms", floors["row"], "ms", k=k, read_only_floor_ms=floor_ms(read), **shape)
-    rec.emit("group_floor_ms", floors["group"], "ms", group=args.group, **shape)
+    rec.emit("row_floor_ms", floor_ms(read + rows * k * 8), "ms", k=k, read_only_floor_ms=floor_ms(read), **shape)
+    rec.emit("group_floor_ms", floor_ms(read + rows * kept_group * 8), "ms", group=args.group, **shape)
     times: dict[str, float] = {}
     for name, (row_fn, group_fn) in backends.items():
         for kind, fn, ctx in (("row", lambda: row_fn(scores, k), {"k": k}),
                               ("group", lambda: group_fn(scores, a, b), {"group": args.group})):
+            out = fn()
+            floor = floor_ms(read + out.numel() * out.element_size())  # the indices as this backend writes them
             ms = time_ms(fn)
             times[f"{kind}/{name}"] = ms
-            rec.emit(f"{kind}_ms", ms, "ms", backend=name, floor_ms=floors[kind], x_floor=ms / floors[kind],
-                     **ctx, **shape)
+            rec.emit(f"{kind}_ms", ms, "ms", backend=name, floor_ms=floor, x_floor=ms / floor,
+                     index_dtype=str(out.dtype), **ctx, **shape)
     for kind in ("row", "group"):
         base = times.get(f"{kind}/torch")
         for key, ms in times.items():
@@ -109,7 +112,8 @@ def time_backends(rec: Recorder, backends: dict[str, tuple[Callable, Callable]],
     return times
 
 
-ROW_SETTINGS = ([dict(packed=True, num_warps=w) for w in (1, 2, 4)]
+ROW_SETTINGS = ([dict(packed=True, num_warps=w, chunk=c) for w in (1, 2) for c in (0, 64, 128, 256, 512)]
+                + [dict(packed=True, num_warps=4, chunk=256)]
                 + [dict(segs_per_program=s, num_warps=w, split=True, int_count=ic) for ic in (False, True)
                    for s, w in ((1, 1), (1, 2), (1, 4), (2, 2))]
                 + [dict(segs_per_program=1, num_warps=w, split=False) for w in (1, 2, 4)])
@@ -170,7 +174,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # `triton` takes two bf16 keys per word where it can; `triton_float_keys` is its float32
     # kernel on the same rows, timed beside it to show what the packed compares gain.
+    # `triton_int16` writes the indices as MoC saves them (int16 up to 32768 channels; torch.topk
+    # can only write int64).
     backends = {"triton": (topk_triton.row_topk, topk_triton.group_topk),
+                "triton_int16": (lambda s, k: topk_triton.row_topk(s, k, out_dtype=index_dtype(s.shape[1])),
+                                 topk_triton.group_topk),
                 "triton_float_keys": (lambda s, k: topk_triton.row_topk(s, k, packed=False), topk_triton.group_topk)}
     all_ok = run_checks(rec, backends)
     timed = {"torch": (_torch_row_topk, _torch_group_topk), **backends}

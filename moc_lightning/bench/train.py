@@ -6,7 +6,8 @@ bytes against dense SwiGLU and the baselines, whole training steps, and the larg
 Parts (JSON lines through moc_lightning.bench.common, bench "train"):
   check     Triton path vs torch path vs a float64 reference, on fresh random inputs of several shapes
   elementwise  MoC's element-wise kernels alone at 350M shapes, each launch setting: the scatter
-            kernels, and the ordered backward (its output compared bit for bit with the scatter one)
+            kernels, the ordered backward (its output compared bit for bit with the scatter one),
+            and the row Top-K fused into the forward (compared with the Top-K and gather kernels)
   ffn       FFN fwd+bwd at 350M shapes (32768 tokens, d 1024, d_ffn 2736, K 512), bf16
   step      llama-350m, bsz 128 x 256 tokens: forward + backward + AdamW (bf16 autocast, fp32 weights)
   maxbatch  llama-1b: the largest batch of 256-token sequences whose training step fits, dense vs MoC
@@ -188,6 +189,18 @@ def bench_elementwise() -> bool:
         bwd()
         all_ok &= check(BENCH, "ordered_backward_matches_scatter", torch.equal(buf, ref_buf), num_warps=warps, **meta)
         emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="ordered_backward", num_warps=warps, **meta)
+    # The row Top-K with the forward in its placement pass, against the two kernels it replaces.
+    two = lambda: moc_train.scatter_forward(g, u, topk.select_channels(g, k=k, backend="triton",  # noqa: E731
+                                                                       index_dtype=torch.int16), torch.int16, False)
+    emit(BENCH, "elementwise_ms", time_ms(two), "ms", kernel="row Top-K (int16) + gather forward")
+    want = two()
+    for chunk in (64, 128, 256, 512):
+        for warps in (1, 2):
+            fused = lambda: moc_train.topk_forward(g, u, k, torch.int16, False, chunk=chunk, num_warps=warps)  # noqa: E731
+            got = fused()
+            same = all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
+            all_ok &= check(BENCH, "topk_forward_matches_topk_then_gather", same, chunk=chunk, num_warps=warps)
+            emit(BENCH, "elementwise_ms", time_ms(fused), "ms", kernel="topk_forward", chunk=chunk, num_warps=warps)
     fwd_bytes = 2 * rows * d_ffn * 3 + rows * k * 6
     bwd_bytes = 2 * rows * d_ffn * 4 + rows * k * 6
     emit(BENCH, "elementwise_byte_floor", floor_ms(fwd_bytes), "ms", kernel="forward (read G, U; write Z', compact)")
@@ -201,16 +214,19 @@ def bench_elementwise() -> bool:
 
 @contextlib.contextmanager
 def kernel_path(path: str):
-    """MoC's Triton path for the triton row Top-K: `default` (the gather forward, the ordered
-    backward) or `scatter_kernels` (the gather forward and the scatter backward, as if the
-    indices came in any order), for side-by-side timing."""
-    ascending = functions.row_indices_ascending
+    """MoC's Triton path for the triton row Top-K, for side-by-side timing: `default` (the Top-K
+    fused into the forward, the ordered backward), `topk_then_gather` (the Top-K kernel, then
+    the gather forward; the ordered backward) or `scatter_kernels` (the Top-K kernel, the gather
+    forward and the scatter backward, as if the indices came in any order)."""
+    ascending, fuses = functions.row_indices_ascending, functions.fuses_topk_into_forward
+    if path in ("topk_then_gather", "scatter_kernels"):
+        functions.fuses_topk_into_forward = lambda *args: False
     if path == "scatter_kernels":
         functions.row_indices_ascending = lambda backend, device: False
     try:
         yield
     finally:
-        functions.row_indices_ascending = ascending
+        functions.row_indices_ascending, functions.fuses_topk_into_forward = ascending, fuses
 
 
 def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
@@ -224,9 +240,10 @@ def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     ]
     for backend in topk_backends():
         variants.append((f"moc_k512_triton_topk_{backend}", moc.replace(moc_kernel="triton", topk_backend=backend), {}))
-    # The triton row Top-K through the scatter backward, side by side with the default path.
-    variants.append(("moc_k512_triton_topk_triton_scatter_kernels",
-                     moc.replace(moc_kernel="triton", topk_backend="triton"), {"path": "scatter_kernels"}))
+    # The triton row Top-K through the earlier kernels, side by side with the default path.
+    for path in ("topk_then_gather", "scatter_kernels"):
+        variants.append((f"moc_k512_triton_topk_triton_{path}",
+                         moc.replace(moc_kernel="triton", topk_backend="triton"), {"path": path}))
     variants += [
         ("moc_k512_stored_triton", moc.replace(moc_kernel="triton", recompute=False), {}),
         ("moc_2:8_torch_kernel", moc.replace(group="2:8", moc_kernel="torch"), {}),
@@ -376,13 +393,13 @@ def _train_step(model, opt, ids, micro_batches: int = 1) -> None:
 
 
 STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"}),
-             ("moc_k512_scatter_kernels", {"kind": "moc"})]
+             ("moc_k512_topk_then_gather", {"kind": "moc"})]
 
 
 def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
     for label, ffn in STEP_FFNS:
-        path = "scatter_kernels" if label.endswith("scatter_kernels") else "default"
+        path = "topk_then_gather" if label.endswith("topk_then_gather") else "default"
         model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1

@@ -24,15 +24,18 @@ _AUTO_ON: dict[str, Callable] = {}
 _AUTO_ORDER: list[str] = []
 # backends whose row Top-K returns each row's indices in ascending channel order
 _ROW_ASCENDING: set[str] = set()
+# backends whose row Top-K writes narrower indices itself (an `out_dtype` keyword)
+_ROW_OUT_DTYPE: set[str] = set()
 
 
 def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False,
                      why_not: Optional[Callable] = None, auto_on: Optional[Callable] = None,
-                     row_ascending: bool = False):
+                     row_ascending: bool = False, row_out_dtype: bool = False):
     _BACKENDS[name] = (runs_on, row_topk, group_topk)
-    _ROW_ASCENDING.discard(name)
-    if row_ascending:
-        _ROW_ASCENDING.add(name)
+    for flag, members in ((row_ascending, _ROW_ASCENDING), (row_out_dtype, _ROW_OUT_DTYPE)):
+        members.discard(name)
+        if flag:
+            members.add(name)
     if why_not is not None:
         _WHY_NOT[name] = why_not
     if auto_on is not None:
@@ -77,13 +80,17 @@ def select_channels(
     group: Optional[tuple[int, int]] = None,
     placement: str = "pre_silu",
     backend: str = "auto",
+    index_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """Indices (int64, rows x kept) of the channels of each row of G that MoC keeps."""
-    _, row_topk, group_topk = _BACKENDS[resolve_backend(backend, g.device)]
+    """Indices (rows x kept, of `index_dtype`) of the channels of each row of G that MoC keeps.
+    Backends that write narrow indices themselves do so (fewer bytes out, and no conversion)."""
+    name = resolve_backend(backend, g.device)
+    _, row_topk, group_topk = _BACKENDS[name]
     scores = channel_scores(g, placement)
-    if group is None:
-        return row_topk(scores, k)
-    return group_topk(scores, *group)
+    if group is None and name in _ROW_OUT_DTYPE:
+        return row_topk(scores, k, out_dtype=index_dtype)
+    idx = row_topk(scores, k) if group is None else group_topk(scores, *group)
+    return idx.to(index_dtype)
 
 
 def _torch_row_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,6 +123,6 @@ from moc_lightning.kernels import raft_select_k, topk_triton  # noqa: E402
 # `auto` takes triton on CUDA only: on CPU it runs in triton's interpreter, for tests that name it.
 register_backend("triton", topk_triton.runs_on, topk_triton.row_topk, topk_triton.group_topk, prefer=True,
                  why_not=topk_triton.unavailable_reason, auto_on=lambda device: torch.device(device).type == "cuda",
-                 row_ascending=True)
+                 row_ascending=True, row_out_dtype=True)
 register_backend("raft", raft_select_k.runs_on, raft_select_k.row_topk, raft_select_k.group_topk,
                  why_not=raft_select_k.unavailable_reason)

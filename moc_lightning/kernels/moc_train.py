@@ -41,6 +41,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from moc_lightning.kernels import topk_triton
+
 try:
     import triton
     import triton.language as tl
@@ -122,8 +124,8 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _scatter_forward_kernel(G, U, IDX, ZD, IX, GS, US, SS, ZS, n_rows, width, kept,
                                 s_g, s_u, s_idx, s_zd, s_c,
-                                STORE_SZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
+                                STORE_SZ: tl.constexpr, WRITE_IX: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         for f0 in range(0, width, BLOCK_F):
             cols = f0 + tl.arange(0, BLOCK_F)[None, :]
@@ -139,7 +141,8 @@ if TRITON_AVAILABLE:
             _, s, _ = _silu_parts(g.to(tl.float32))
             z = (s * u.to(tl.float32)).to(ZD.dtype.element_ty)
             compact = r * s_c + slots
-            tl.store(IX + compact, ch.to(IX.dtype.element_ty), mask=ok)
+            if WRITE_IX:
+                tl.store(IX + compact, ch.to(IX.dtype.element_ty), mask=ok)
             tl.store(GS + compact, g, mask=ok)
             tl.store(US + compact, u, mask=ok)
             if STORE_SZ:
@@ -330,7 +333,8 @@ if TRITON_AVAILABLE:
         for r, f, w in ((2, 64, 2), (1, 64, 1), (2, 64, 1), (1, 64, 2), (4, 64, 4), (2, 32, 1))
     ]
     _ordered_backward_tuned = _tuned(_ordered_backward_kernel, _ORDERED_CONFIGS, ["width", "kept", "STORED"])
-    _scatter_forward_tuned = _tuned(_scatter_forward_kernel, _ELEMENTWISE_CONFIGS, ["width", "kept", "STORE_SZ"])
+    _scatter_forward_tuned = _tuned(_scatter_forward_kernel, _ELEMENTWISE_CONFIGS,
+                                   ["width", "kept", "STORE_SZ", "WRITE_IX"])
     _scatter_backward_tuned = _tuned(_scatter_backward_kernel, _ELEMENTWISE_CONFIGS, ["width", "kept", "STORED"])
     _group_forward_tuned = _tuned(_group_forward_kernel, _GROUP_CONFIGS,
                                   ["width", "A", "B", "POST_SILU", "STORE_SZ"])
@@ -369,17 +373,31 @@ def scatter_forward(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, index_d
                     store_sz: bool) -> ForwardPack:
     """Any kept-channel indices (rows x kept, any order): gather G and U there, fuse SiLU(G) * U,
     and write the compact tensors (in the order of `idx`) plus the dense Z' (rows x d_ffn, zero
-    off the kept channels)."""
+    off the kept channels). Indices already of `index_dtype` and contiguous are kept as they
+    are (the Top-K wrote them narrow) rather than copied."""
     require(g.device)
     _check_rows(g, u, idx)
     rows, width = g.shape
     kept = idx.shape[1]
     z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
     ix, gs, us, ss, zs = _compact_outputs(rows, kept, g, index_dtype, store_sz)
+    write_ix = not (idx.dtype == index_dtype and idx.is_contiguous())
     _launch(_scatter_forward_tuned, _scatter_forward_kernel, _INTERPRET_ELEMENTWISE,
             _rows_grid(rows), g, u, idx, z_dense, ix, gs, us, ss, zs, rows, width, kept,
-            g.stride(0), u.stride(0), idx.stride(0), z_dense.stride(0), kept, STORE_SZ=store_sz)
+            g.stride(0), u.stride(0), idx.stride(0), z_dense.stride(0), kept, STORE_SZ=store_sz,
+            WRITE_IX=write_ix)
+    ix = ix if write_ix else idx
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
+
+
+def topk_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool,
+                 **launch) -> ForwardPack:
+    """The row Top-K of G and the gather forward in one kernel (`topk_triton.row_topk_forward`,
+    bf16 rows that `topk_triton.forward_fusable` accepts): the same ForwardPack, bit for bit, as
+    the triton row Top-K followed by `scatter_forward`, without G read twice or the indices
+    written and read back."""
+    require(g.device)
+    return ForwardPack(*topk_triton.row_topk_forward(g, u, k, index_dtype, store_sz, **launch))
 
 
 def group_forward(g: torch.Tensor, u: torch.Tensor, group: tuple[int, int], post_silu: bool,
