@@ -196,65 +196,6 @@ def test_scatter_forward_keeps_indices_already_of_the_saved_type():
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("stored", [False, True])
-@pytest.mark.parametrize("rows,width,k,chunk", [
-    (5, 70, 9, 4),       # many chunks, the last one ragged
-    (3, 2736, 512, 256),  # the 350M width: two register pieces
-    (4, 38, 38, 8),      # every channel kept
-    (6, 100, 1, 64),     # one chunk wider than the row
-])
-def test_topk_forward_equals_the_topk_then_the_gather_forward(rows, width, k, chunk, stored):
-    """The row Top-K with the forward in its placement pass (bf16 words): the same tensors, bit
-    for bit, as the triton row Top-K and then the gather kernel, ties included; and the formulas."""
-    torch.manual_seed(8)
-    gate_up = torch.randn(rows, 2 * width).bfloat16()  # G and U as the column halves of one GEMM
-    gate_up[1, : width // 2] = 0.5  # a row of ties
-    g, u = gate_up[:, :width], gate_up[:, width:]
-    got = moc_train.topk_forward(g, u, k, torch.int16, stored, chunk=chunk)
-    idx = moc_train.topk_triton.row_topk(g, k, out_dtype=torch.int16)
-    want = moc_train.scatter_forward(g, u, idx, torch.int16, stored)
-    for name, a, b in zip(want._fields, got, want):
-        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
-    order = idx.long()
-    s_sel = F.silu(g.gather(1, order).double())
-    z = s_sel * u.gather(1, order).double()
-    torch.testing.assert_close(got.z_dense.double(), densify(order, z, width), rtol=1e-2, atol=1e-2)
-    if stored:
-        torch.testing.assert_close(got.s_sel.double(), s_sel, rtol=1e-2, atol=1e-2)
-
-
-def test_topk_forward_runs_in_the_bf16_ffn_and_changes_no_bit(monkeypatch):
-    """bf16 MoC with the triton row Top-K takes the fused forward; with it switched off (the Top-K
-    kernel, then the gather kernel) the output, gradients and saved bytes are the same."""
-    cfg = FFNConfig(kind="moc", d_model=16, d_ffn=70, k=9, topk_backend="triton", moc_kernel="triton")
-    x, grad_out = torch.randn(13, 16), torch.randn(13, 16)
-    calls = []
-    fused = moc_train.topk_forward
-    monkeypatch.setattr(moc_train, "topk_forward", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
-    out, grads, mask, ffn = run(cfg, x, grad_out, dtype=torch.bfloat16)
-    assert calls == [1]
-    monkeypatch.setattr(functions, "fuses_topk_into_forward", lambda *a: False)
-    out2, grads2, mask2, ffn2 = run(cfg, x, grad_out, dtype=torch.bfloat16)
-    assert calls == [1] and torch.equal(out, out2) and torch.equal(mask, mask2)
-    for name, a, b in zip(GRAD_NAMES, grads, grads2):
-        assert torch.equal(a, b), name
-    xs = x.bfloat16().requires_grad_(True)
-    assert measure_saved_bytes(ffn, xs).total == measure_saved_bytes(ffn2, xs).total
-
-
-def test_topk_forward_is_taken_only_where_its_kernel_applies():
-    gate_up = torch.randn(4, 140).bfloat16()
-    g, u = gate_up[:, :70], gate_up[:, 70:]
-    assert functions.fuses_topk_into_forward(g, u, "pre_silu", "triton")
-    assert not functions.fuses_topk_into_forward(g, u, "post_silu", "triton")  # ranked by |SiLU(G)|
-    assert not functions.fuses_topk_into_forward(g, u, "pre_silu", "torch")
-    assert not functions.fuses_topk_into_forward(g.float(), u.float(), "pre_silu", "triton")
-    odd = torch.randn(4, 70).bfloat16()
-    assert not functions.fuses_topk_into_forward(odd[:, :35], odd[:, 35:], "pre_silu", "triton")
-    with pytest.raises(ValueError, match="row_topk_forward takes bf16 G and U of one shape, an even width"):
-        moc_train.topk_forward(odd[:, :35], odd[:, 35:], 3, torch.int16, False)
-
-
 def _ascending_indices(rows, width, kept, clustered=False):
     if clustered:  # every kept channel in the first tiles: runs longer than a tile's window
         return torch.arange(kept).expand(rows, kept).clone()

@@ -6,8 +6,7 @@ bytes against dense SwiGLU and the baselines, whole training steps, and the larg
 Parts (JSON lines through moc_lightning.bench.common, bench "train"):
   check     Triton path vs torch path vs a float64 reference, on fresh random inputs of several shapes
   elementwise  MoC's element-wise kernels alone at 350M shapes, each launch setting: the scatter
-            kernels, the ordered backward (its output compared bit for bit with the scatter one),
-            and the row Top-K fused into the forward (compared with the Top-K and gather kernels)
+            kernels, and the ordered backward (its output compared bit for bit with the scatter one)
   ffn       FFN fwd+bwd at 350M shapes (32768 tokens, d 1024, d_ffn 2736, K 512), bf16
   step      llama-350m, bsz 128 x 256 tokens: forward + backward + AdamW (bf16 autocast, fp32 weights)
   maxbatch  llama-1b: the largest batch of 256-token sequences whose training step fits, dense vs MoC
@@ -156,7 +155,7 @@ def bench_elementwise() -> bool:
     rows, d_ffn, k = TOKENS, SHAPE_350M["d_ffn"], 512
     gate_up = fresh(rows, 2 * d_ffn)
     g, u = gate_up[:, :d_ffn], gate_up[:, d_ffn:]
-    idx = topk.select_channels(g, k=k, backend="triton")
+    idx = topk.select_channels(g, k=k, backend="triton", index_dtype=torch.int16)
     grad_z = fresh(rows, d_ffn)
     ref = moc_train.scatter_forward(g, u, idx, torch.int16, False)
     ref_buf = moc_train.scatter_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel)
@@ -175,7 +174,7 @@ def bench_elementwise() -> bool:
     for meta, warps in _settings(moc_train._ELEMENTWISE_CONFIGS):
         fwd = lambda: moc_train._scatter_forward_kernel[grid(meta)](  # noqa: E731
             g, u, idx, z_dense, *compact, dummy, dummy, rows, d_ffn, k, g.stride(0), u.stride(0), idx.stride(0), d_ffn,
-            k, STORE_SZ=False, num_warps=warps, **meta)
+            k, STORE_SZ=False, WRITE_IX=False, num_warps=warps, **meta)
         bwd = lambda: moc_train._scatter_backward_kernel[grid(meta)](  # noqa: E731
             grad_z, ref.idx, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, k, d_ffn, k, 3 * d_ffn,
             STORED=False, num_warps=warps, **meta)
@@ -189,18 +188,6 @@ def bench_elementwise() -> bool:
         bwd()
         all_ok &= check(BENCH, "ordered_backward_matches_scatter", torch.equal(buf, ref_buf), num_warps=warps, **meta)
         emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="ordered_backward", num_warps=warps, **meta)
-    # The row Top-K with the forward in its placement pass, against the two kernels it replaces.
-    two = lambda: moc_train.scatter_forward(g, u, topk.select_channels(g, k=k, backend="triton",  # noqa: E731
-                                                                       index_dtype=torch.int16), torch.int16, False)
-    emit(BENCH, "elementwise_ms", time_ms(two), "ms", kernel="row Top-K (int16) + gather forward")
-    want = two()
-    for chunk in (64, 128, 256, 512):
-        for warps in (1, 2):
-            fused = lambda: moc_train.topk_forward(g, u, k, torch.int16, False, chunk=chunk, num_warps=warps)  # noqa: E731
-            got = fused()
-            same = all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
-            all_ok &= check(BENCH, "topk_forward_matches_topk_then_gather", same, chunk=chunk, num_warps=warps)
-            emit(BENCH, "elementwise_ms", time_ms(fused), "ms", kernel="topk_forward", chunk=chunk, num_warps=warps)
     fwd_bytes = 2 * rows * d_ffn * 3 + rows * k * 6
     bwd_bytes = 2 * rows * d_ffn * 4 + rows * k * 6
     emit(BENCH, "elementwise_byte_floor", floor_ms(fwd_bytes), "ms", kernel="forward (read G, U; write Z', compact)")
@@ -214,19 +201,19 @@ def bench_elementwise() -> bool:
 
 @contextlib.contextmanager
 def kernel_path(path: str):
-    """MoC's Triton path for the triton row Top-K, for side-by-side timing: `default` (the Top-K
-    fused into the forward, the ordered backward), `topk_then_gather` (the Top-K kernel, then
-    the gather forward; the ordered backward) or `scatter_kernels` (the Top-K kernel, the gather
-    forward and the scatter backward, as if the indices came in any order)."""
-    ascending, fuses = functions.row_indices_ascending, functions.fuses_topk_into_forward
-    if path in ("topk_then_gather", "scatter_kernels"):
-        functions.fuses_topk_into_forward = lambda *args: False
+    """MoC's Triton path for the triton row Top-K, for side-by-side timing: `default` (int16
+    indices from the Top-K, the gather forward, the ordered backward), `int64_indices` (the
+    same, the Top-K writing int64 indices that the gather forward narrows, as before) or
+    `scatter_kernels` (the scatter backward, as if the indices came in any order)."""
+    ascending, select = functions.row_indices_ascending, functions.select_channels
     if path == "scatter_kernels":
         functions.row_indices_ascending = lambda backend, device: False
+    if path == "int64_indices":
+        functions.select_channels = lambda g, **kw: select(g, **{**kw, "index_dtype": torch.int64})
     try:
         yield
     finally:
-        functions.row_indices_ascending, functions.fuses_topk_into_forward = ascending, fuses
+        functions.row_indices_ascending, functions.select_channels = ascending, select
 
 
 def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
@@ -240,8 +227,8 @@ def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     ]
     for backend in topk_backends():
         variants.append((f"moc_k512_triton_topk_{backend}", moc.replace(moc_kernel="triton", topk_backend=backend), {}))
-    # The triton row Top-K through the earlier kernels, side by side with the default path.
-    for path in ("topk_then_gather", "scatter_kernels"):
+    # The triton row Top-K through earlier paths, side by side with the default one.
+    for path in ("int64_indices", "scatter_kernels"):
         variants.append((f"moc_k512_triton_topk_triton_{path}",
                          moc.replace(moc_kernel="triton", topk_backend="triton"), {"path": path}))
     variants += [
@@ -393,13 +380,13 @@ def _train_step(model, opt, ids, micro_batches: int = 1) -> None:
 
 
 STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"}),
-             ("moc_k512_topk_then_gather", {"kind": "moc"})]
+             ("moc_k512_int64_indices", {"kind": "moc"})]
 
 
 def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
     for label, ffn in STEP_FFNS:
-        path = "topk_then_gather" if label.endswith("topk_then_gather") else "default"
+        path = "int64_indices" if label.endswith("int64_indices") else "default"
         model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
-from moc_lightning.ffn.topk import resolve_backend, row_indices_ascending, select_channels
+from moc_lightning.ffn.topk import row_indices_ascending, select_channels
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -118,22 +118,14 @@ def _torch_backward(ctx, grad_out):
     return grad_x, grad_w_gate, grad_w_up, grad_w_down
 
 
-def fuses_topk_into_forward(g: torch.Tensor, u: torch.Tensor, placement: str, backend: str) -> bool:
-    """Whether the triton row Top-K runs inside the forward kernel (`moc_train.topk_forward`):
-    for the triton backend (`auto` on CUDA), channels ranked by G itself, and bf16 G and U that
-    its word kernel reads."""
-    return (placement == "pre_silu" and resolve_backend(backend, g.device) == "triton"
-            and _kernels().topk_triton.forward_fusable(g, u))
-
-
 def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     """(the kernels' ForwardPack, the order of its compact slots: an (a, b) group whose slot
     order they follow, "ascending" channels within each row, or None for any order).
 
     G and U come from one GEMM against [W_gate; W_up] (measured faster than two, concatenation
     included). a:b groups with a power-of-two b are selected inside the kernel unless a Top-K
-    backend is named explicitly, and so is the triton row Top-K of bf16 G (its kernel does the
-    forward's work as it places the kept channels); the rest goes through select_channels and the gather kernel,
+    backend is named explicitly; the rest goes through select_channels (indices of the saved
+    type, int16 below 32768 channels, written so by the triton row Top-K) and the gather kernel,
     which keeps the order of the indices: ascending where the backend lists each row's channels
     so, and then backward takes the ordered kernel.
     """
@@ -144,8 +136,6 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     idx_dtype = index_dtype(d_ffn)
     if group is not None and backend == "auto" and moc_train.group_fusable(group):
         return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
-    if group is None and fuses_topk_into_forward(g, u, placement, backend):
-        return moc_train.topk_forward(g, u, k, idx_dtype, store_sz), "ascending"
     idx = select_channels(g, k=k, group=group, placement=placement, backend=backend, index_dtype=idx_dtype)
     ascending = group is None and row_indices_ascending(backend, g.device)
     return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), ("ascending" if ascending else None)

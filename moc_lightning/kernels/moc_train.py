@@ -41,8 +41,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from moc_lightning.kernels import topk_triton
-
 try:
     import triton
     import triton.language as tl
@@ -388,16 +386,6 @@ def scatter_forward(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, index_d
             WRITE_IX=write_ix)
     ix = ix if write_ix else idx
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
-
-
-def topk_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool,
-                 **launch) -> ForwardPack:
-    """The row Top-K of G and the gather forward in one kernel (`topk_triton.row_topk_forward`,
-    bf16 rows that `topk_triton.forward_fusable` accepts): the same ForwardPack, bit for bit, as
-    the triton row Top-K followed by `scatter_forward`, without G read twice or the indices
-    written and read back."""
-    require(g.device)
-    return ForwardPack(*topk_triton.row_topk_forward(g, u, k, index_dtype, store_sz, **launch))
 
 
 def group_forward(g: torch.Tensor, u: torch.Tensor, group: tuple[int, int], post_silu: bool,

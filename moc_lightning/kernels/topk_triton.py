@@ -43,8 +43,9 @@ tl = None
 MAX_BLOCK = 32768
 # Groups with at most this many picks use the argmax-rounds kernel; more use the radix select.
 MAX_ARGMAX_ROUNDS = 8
-# Words a bf16 row's kept values are placed at a time (see `_bf16_pair_topk`); 0: the whole row.
-PLACE_CHUNK = 256
+# Words of a bf16 row placed at a time (see `_bf16_pair_topk`): the fastest on an H200 of 64 to
+# 512 (0.348 ms at 32768 x 2736, K 512; 0.355-0.363 for the others).
+PLACE_CHUNK = 128
 
 
 def interpreting() -> bool:
@@ -171,10 +172,10 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
 # On sm_90 one `set.ge.u32.bf16x2` compares both halves of a word against the candidate and one
 # add counts them (and REDUX sums a warp), so the 16-round threshold search costs about as much
 # as reading the row (0.107 ms for the load and search on the 32768 x 2736 benchmark, against
-# 0.071 ms for the load alone). What is left (0.38 ms in all) is placing the kept values: a
-# row held in one warp takes 255 registers, so an SM runs 8 rows at a time; capping the
-# registers spilled and timed slower, and a scan in (lane, slot) order instead of channel order
-# timed the same. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
+# 0.071 ms for the load alone). What is left (0.35 ms in all on an H200) is placing the kept
+# values. Placing a chunk at a time (below) rather than the whole row in registers gained only
+# 8%, so the registers it frees were not what bound it; capping the registers spilled and timed
+# slower, and a scan in (lane, slot) order instead of channel order timed the same. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
 # two float32 values: same results.
 
 def _pair_ge(p, c, ASM: tl.constexpr):
@@ -280,103 +281,28 @@ def _pair_row_threshold(base, n_pairs, k, BLOCK_A: tl.constexpr, BLOCK_B: tl.con
     return t, k - (totals >> 16)
 
 
-def _bf16_bits(x):
-    """float32 values rounded to bf16, as their 16 bits in the low half of int32 words."""
-    return x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-
-def _bf16_pair_topk_forward(g_ptr, u_ptr, zd_ptr, ix_ptr, gs_ptr, us_ptr, ss_ptr, zs_ptr, n_pairs, k,
-                            s_g, s_u, s_zd, s_c, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                            HAS_B: tl.constexpr, ASM: tl.constexpr, CHUNK: tl.constexpr,
-                            STORE_SZ: tl.constexpr):
-    """The row Top-K of G with MoC's training forward in its placement pass: per row, the kept
-    channels' indices, G, U (and SiLU(G), Z if STORE_SZ) at their compact slots in ascending
-    channel order, and the dense Z' = SiLU(G) * U * M written whole, CHUNK words at a time.
-    G, U and Z' come as int32 words of two bf16 channels; the compact G, U, S, Z as int16 bits."""
-    row = tl.program_id(0).to(tl.int64)
-    g_row = g_ptr + row * s_g
-    u_row = u_ptr + row * s_u
-    t, need = _pair_row_threshold(g_row, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
-    c = row * s_c
-    offset = need * 0
-    for w0 in range(0, n_pairs, CHUNK):
-        w = w0 + tl.arange(0, CHUNK)
-        valid = w < n_pairs
-        raw = tl.load(g_row + w, mask=valid, other=0)  # padding is masked out of every flag
-        p = _pair_nan_to_neg_inf(raw, ASM)
-        flags = _pair_flags(p, valid, t)
-        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p, valid, t, flags, offset, need)
-        offset += tl.sum(flags, axis=0)
-        uw = tl.load(u_row + w, mask=valid, other=0)
-        g_lo, g_hi = _pair_halves(raw)
-        u_lo, u_hi = _pair_halves(uw)
-        s_lo = g_lo * tl.sigmoid(g_lo)
-        s_hi = g_hi * tl.sigmoid(g_hi)
-        z_lo = _bf16_bits(s_lo * u_lo)
-        z_hi = _bf16_bits(s_hi * u_hi)
-        tl.store(zd_ptr + row * s_zd + w, tl.where(keep_lo, z_lo, 0) | (tl.where(keep_hi, z_hi, 0) << 16), mask=valid)
-        idx_ty = ix_ptr.dtype.element_ty
-        tl.store(ix_ptr + c + slot_lo, (2 * w).to(idx_ty), mask=keep_lo)
-        tl.store(ix_ptr + c + slot_hi, (2 * w + 1).to(idx_ty), mask=keep_hi)
-        tl.store(gs_ptr + c + slot_lo, raw.to(tl.int16), mask=keep_lo)
-        tl.store(gs_ptr + c + slot_hi, (raw >> 16).to(tl.int16), mask=keep_hi)
-        tl.store(us_ptr + c + slot_lo, uw.to(tl.int16), mask=keep_lo)
-        tl.store(us_ptr + c + slot_hi, (uw >> 16).to(tl.int16), mask=keep_hi)
-        if STORE_SZ:
-            tl.store(ss_ptr + c + slot_lo, _bf16_bits(s_lo).to(tl.int16), mask=keep_lo)
-            tl.store(ss_ptr + c + slot_hi, _bf16_bits(s_hi).to(tl.int16), mask=keep_hi)
-            tl.store(zs_ptr + c + slot_lo, z_lo.to(tl.int16), mask=keep_lo)
-            tl.store(zs_ptr + c + slot_hi, z_hi.to(tl.int16), mask=keep_hi)
-
-
 def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr,
                     CHUNK: tl.constexpr):
-    """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words).
-
-    CHUNK > 0 places the kept values CHUNK words at a time, reading the row again (from cache)
-    rather than scanning the register pieces whole: the whole-row scan is what takes a row's
-    warp to 255 registers, and fewer registers let more rows run at once on an SM."""
+    """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words) for
+    the threshold search; then the kept values are placed CHUNK words at a time, the row read
+    again (from cache). Scanning the register pieces whole instead timed 8% slower on an H200
+    (0.376 against 0.348 ms at 32768 x 2736, K 512)."""
     row = tl.program_id(0).to(tl.int64)
     base = words_ptr + row * in_row_stride
     out = out_ptr + row * out_row_stride
     idx_ty = out_ptr.dtype.element_ty
-    if CHUNK > 0:
-        t, need = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
-        offset = need * 0
-        for w0 in range(0, n_pairs, CHUNK):
-            w = w0 + tl.arange(0, CHUNK)
-            valid = w < n_pairs
-            p = _pair_nan_to_neg_inf(tl.load(base + w, mask=valid, other=-8323200), ASM)
-            flags = _pair_flags(p, valid, t)
-            keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p, valid, t, flags, offset, need)
-            tl.store(out + slot_lo, (2 * w).to(idx_ty), mask=keep_lo)
-            tl.store(out + slot_hi, (2 * w + 1).to(idx_ty), mask=keep_hi)
-            offset += tl.sum(flags, axis=0)
-    else:
-        w_a = tl.arange(0, BLOCK_A)
-        valid_a = w_a < n_pairs
-        p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=valid_a, other=-8323200), ASM)
-        p_b = p_a
-        if HAS_B:
-            w_b = BLOCK_A + tl.arange(0, BLOCK_B)
-            valid_b = w_b < n_pairs
-            p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
-        t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
-        flags_a = _pair_flags(p_a, valid_a, t)
-        sum_a = tl.sum(flags_a, axis=0)
-        totals = sum_a
-        if HAS_B:
-            flags_b = _pair_flags(p_b, valid_b, t)
-            totals += tl.sum(flags_b, axis=0)
-        need = k - (totals >> 16)
-        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_a, valid_a, t, flags_a, 0, need)
-        tl.store(out + slot_lo, (2 * w_a).to(idx_ty), mask=keep_lo)
-        tl.store(out + slot_hi, (2 * w_a + 1).to(idx_ty), mask=keep_hi)
-        if HAS_B:
-            keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p_b, valid_b, t, flags_b, sum_a, need)
-            tl.store(out + slot_lo, (2 * w_b).to(idx_ty), mask=keep_lo)
-            tl.store(out + slot_hi, (2 * w_b + 1).to(idx_ty), mask=keep_hi)
+    t, need = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
+    offset = need * 0
+    for w0 in range(0, n_pairs, CHUNK):
+        w = w0 + tl.arange(0, CHUNK)
+        valid = w < n_pairs
+        p = _pair_nan_to_neg_inf(tl.load(base + w, mask=valid, other=0), ASM)  # padding: masked out of every flag
+        flags = _pair_flags(p, valid, t)
+        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p, valid, t, flags, offset, need)
+        tl.store(out + slot_lo, (2 * w).to(idx_ty), mask=keep_lo)
+        tl.store(out + slot_hi, (2 * w + 1).to(idx_ty), mask=keep_hi)
+        offset += tl.sum(flags, axis=0)
 
 
 def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
@@ -414,7 +340,7 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
 _HELPERS = {f.__name__: f for f in (_pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
-                                    _pair_halves_vs, _pair_flags, _pair_slots, _pair_row_threshold, _bf16_bits)}
+                                    _pair_halves_vs, _pair_flags, _pair_slots, _pair_row_threshold)}
 
 
 def _import_triton() -> None:
@@ -521,8 +447,8 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     block_a, block_b = split_blocks(n_pairs)
     _, default_warps = _launch_config(2 * (block_a + block_b))
     chunk = PLACE_CHUNK if chunk is None else chunk
-    if chunk and (chunk & (chunk - 1)):
-        raise ValueError(f"chunk = {chunk} must be 0 (whole-row placement) or a power of two")
+    if chunk <= 0 or chunk & (chunk - 1):
+        raise ValueError(f"chunk = {chunk} must be a power of two")
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
         words, out, n_pairs, k, words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
@@ -550,7 +476,7 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
 
     bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
     launch setting other than num_warps and chunk also selects the float32 kernel); chunk is
-    its placement's width in words (0: the whole row at once; None: PLACE_CHUNK)."""
+    its placement's width in words (None: PLACE_CHUNK)."""
     bits, fmt = _raw_bits(scores)
     rows, width = scores.shape
     if not 1 <= k <= width:
@@ -574,47 +500,6 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
                      segs_per_program=segs_per_program, num_warps=num_warps, split=split,
                      int_count=int_count)
     return out
-
-
-def forward_fusable(g: torch.Tensor, u: torch.Tensor) -> bool:
-    """Whether `row_topk_forward` takes these G and U: bf16 rows of one even width (at most
-    MAX_BLOCK) that have int32 word views."""
-    return (g.shape == u.shape and g.dim() == 2 and g.shape[1] <= MAX_BLOCK
-            and bf16_words(g) is not None and bf16_words(u) is not None)
-
-
-def row_topk_forward(g: torch.Tensor, u: torch.Tensor, k: int, index_dtype: torch.dtype, store_sz: bool, *,
-                     chunk: Optional[int] = None, num_warps: Optional[int] = None) -> tuple:
-    """MoC's training forward with its row Top-K in one kernel (see `_bf16_pair_topk_forward`):
-    (dense Z', indices, G', U', S', Z'), the compact tensors rows x k in ascending channel order
-    per row; S' and Z' are None unless store_sz. Takes what `forward_fusable` accepts."""
-    _raw_bits(g)  # dtype, rank and device checks
-    if not forward_fusable(g, u):
-        raise ValueError("row_topk_forward takes bf16 G and U of one shape, an even width of at most "
-                         f"{MAX_BLOCK} and even strides; got {tuple(g.shape)} and {tuple(u.shape)}")
-    rows, width = g.shape
-    if not 1 <= k <= width:
-        raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
-    _check_out_dtype(index_dtype, width)
-    new = lambda dtype=g.dtype: torch.empty(rows, k, dtype=dtype, device=g.device)
-    z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
-    idx, g_sel, u_sel = new(index_dtype), new(), new()
-    s_sel, z_sel = (new(), new()) if store_sz else (None, None)
-    if rows:
-        chunk = PLACE_CHUNK if chunk is None else chunk
-        if chunk <= 0 or chunk & (chunk - 1):
-            raise ValueError(f"chunk = {chunk} must be a power of two")
-        n_pairs = width // 2
-        block_a, block_b = split_blocks(n_pairs)
-        _, default_warps = _launch_config(2 * (block_a + block_b))
-        gw, uw = bf16_words(g), bf16_words(u)
-        bits = lambda t: t.view(torch.int16) if t is not None else g_sel.view(torch.int16)
-        _kernel(_bf16_pair_topk_forward)[(rows,)](
-            gw, uw, z_dense.view(torch.int32), idx, bits(g_sel), bits(u_sel), bits(s_sel), bits(z_sel), n_pairs, k,
-            gw.stride(0), uw.stride(0), z_dense.stride(0) // 2, k,
-            BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0, ASM=packed_compare_in_asm(g.device),
-            CHUNK=chunk, STORE_SZ=store_sz, num_warps=num_warps or default_warps)
-    return z_dense, idx, g_sel, u_sel, s_sel, z_sel
 
 
 def group_topk(scores: torch.Tensor, a: int, b: int, *, groups_per_program: Optional[int] = None,
