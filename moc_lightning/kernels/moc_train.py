@@ -275,7 +275,11 @@ if TRITON_AVAILABLE:
             at = slot3 == t
             picked = picked | (at & ok[:, :, None])
             ch_acc = tl.where(at, (groups[None, :] * B + pos)[:, :, None], ch_acc)
-            g_acc = tl.where(at, tl.sum(tl.where(hit, g3, 0.0), axis=2)[:, :, None], g_acc)
+            if POST_SILU:
+                g_pick = tl.sum(tl.where(hit, g3, 0.0), axis=2)
+            else:
+                g_pick = tl.where(ok, best, 0.0)  # the scores are G itself
+            g_acc = tl.where(at, g_pick[:, :, None], g_acc)
             u_acc = tl.where(at, tl.sum(tl.where(hit, u3, 0.0), axis=2)[:, :, None], u_acc)
         compact3 = r[:, :, None] * s_c + groups[None, :, None] * A + slot3
         tl.store(IX + compact3, ch_acc.to(IX.dtype.element_ty), mask=picked)
