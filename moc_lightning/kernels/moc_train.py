@@ -251,13 +251,15 @@ if TRITON_AVAILABLE:
         valid3 = (rows < n_rows)[:, None, None] & (ch3 < width)
         g3 = tl.load(G + r[:, :, None] * s_g + ch3, mask=valid3, other=0.0).to(tl.float32)
         u3 = tl.load(U + r[:, :, None] * s_u + ch3, mask=valid3, other=0.0).to(tl.float32)
-        _, s3, _ = _silu_parts(g3)
         if POST_SILU:
+            _, s3, _ = _silu_parts(g3)
             scores = tl.abs(s3)
         else:
             scores = g3
         scores = tl.where(valid3, scores, float("-inf"))
-        keep = p3 < 0  # all False; takes the tile's shape below
+        # Z' is placed pick by pick: SiLU is evaluated on the A picks of a group, not on all B
+        # channels (fewer instructions in a kernel that issue, not memory, bounds).
+        z3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         slot3 = tl.arange(0, A_P2)[None, None, :]
         picked = slot3 < 0  # which (row, group, slot) holds a pick
         ch_acc = (groups[None, :, None] * B + slot3) * 0
@@ -270,17 +272,19 @@ if TRITON_AVAILABLE:
             # A ragged last group of r < A channels runs out of candidates: its later picks are
             # -inf and are neither kept nor stored (their slots lie past the kept width).
             ok = (best > float("-inf")) & (rows < n_rows)[:, None]
-            keep = keep | (hit & ok[:, :, None])
             scores = tl.where(hit, float("-inf"), scores)
-            at = slot3 == t
-            picked = picked | (at & ok[:, :, None])
-            ch_acc = tl.where(at, (groups[None, :] * B + pos)[:, :, None], ch_acc)
             if POST_SILU:
                 g_pick = tl.sum(tl.where(hit, g3, 0.0), axis=2)
             else:
                 g_pick = tl.where(ok, best, 0.0)  # the scores are G itself
+            u_pick = tl.sum(tl.where(hit, u3, 0.0), axis=2)
+            _, s_pick, _ = _silu_parts(g_pick)
+            z3 = tl.where(hit & ok[:, :, None], (s_pick * u_pick)[:, :, None], z3)
+            at = slot3 == t
+            picked = picked | (at & ok[:, :, None])
+            ch_acc = tl.where(at, (groups[None, :] * B + pos)[:, :, None], ch_acc)
             g_acc = tl.where(at, g_pick[:, :, None], g_acc)
-            u_acc = tl.where(at, tl.sum(tl.where(hit, u3, 0.0), axis=2)[:, :, None], u_acc)
+            u_acc = tl.where(at, u_pick[:, :, None], u_acc)
         compact3 = r[:, :, None] * s_c + groups[None, :, None] * A + slot3
         tl.store(IX + compact3, ch_acc.to(IX.dtype.element_ty), mask=picked)
         tl.store(GS + compact3, g_acc.to(GS.dtype.element_ty), mask=picked)
@@ -289,7 +293,6 @@ if TRITON_AVAILABLE:
             _, s_acc, _ = _silu_parts(g_acc)
             tl.store(SS + compact3, s_acc.to(SS.dtype.element_ty), mask=picked)
             tl.store(ZS + compact3, (s_acc * u_acc).to(ZS.dtype.element_ty), mask=picked)
-        z3 = tl.where(keep, s3 * u3, 0.0)
         tl.store(ZD + r[:, :, None] * s_zd + ch3, z3.to(ZD.dtype.element_ty), mask=valid3)
 
     @triton.jit

@@ -232,25 +232,32 @@ def _pair_threshold(p_a, p_b, k, HAS_B: tl.constexpr, ASM: tl.constexpr):
     return (bits << 16).to(tl.float32, bitcast=True)
 
 
-def _pair_halves_vs(p, valid, t):
-    """0/1 int32 flags per word: low half above t, high half above t, low equal, high equal."""
+def _pair_vs(p, valid, t, ASM: tl.constexpr):
+    """0/1 int32 flags per word, of its halves against t: low above, high above, low equal, high
+    equal; words with `valid` False have none. On sm_90 two bf16x2 compares give all four."""
+    v = valid.to(tl.int32)
+    if ASM:
+        tb = (t.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+        c = tb | (tb << 16)
+        gt = tl.inline_asm_elementwise("set.gt.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
+                                       dtype=tl.int32, is_pure=True, pack=1)
+        eq = tl.inline_asm_elementwise("set.eq.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
+                                       dtype=tl.int32, is_pure=True, pack=1)
+        return gt & v, (gt >> 16) & v, eq & v, (eq >> 16) & v
     lo, hi = _pair_halves(p)
-    return (((lo > t) & valid).to(tl.int32), ((hi > t) & valid).to(tl.int32),
-            ((lo == t) & valid).to(tl.int32), ((hi == t) & valid).to(tl.int32))
+    return ((lo > t).to(tl.int32) & v, (hi > t).to(tl.int32) & v,
+            (lo == t).to(tl.int32) & v, (hi == t).to(tl.int32) & v)
 
 
-def _pair_flags(p, valid, t):
+def _pair_flags(above_lo, above_hi, eq_lo, eq_hi):
     """Per word: (#halves above t) << 16 | #halves equal to t."""
-    above_lo, above_hi, eq_lo, eq_hi = _pair_halves_vs(p, valid, t)
     return (above_lo + above_hi) * 65536 + eq_lo + eq_hi
 
 
-def _pair_slots(p, valid, t, flags, offset, need):
+def _pair_slots(above_lo, above_hi, eq_lo, eq_hi, flags, offset, need):
     """Whether each half is kept (all above t, then the first `need` equal to t in channel
     order) and its slot among the kept, from an inclusive scan of the word flags; `offset` is
-    the flags summed over the words before this piece. The 0/1 flags are compared again rather
-    than kept in registers from `_pair_flags` (they would spill)."""
-    above_lo, above_hi, eq_lo, eq_hi = _pair_halves_vs(p, valid, t)
+    the flags summed over the words before this piece."""
     excl = tl.cumsum(flags, axis=0) - flags + offset
     before_above = excl >> 16
     before_eq = excl & 0xFFFF
@@ -275,9 +282,11 @@ def _pair_row_threshold(base, n_pairs, k, BLOCK_A: tl.constexpr, BLOCK_B: tl.con
         valid_b = w_b < n_pairs
         p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
     t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
-    totals = tl.sum(_pair_flags(p_a, valid_a, t), axis=0)
+    above_lo, above_hi, eq_lo, eq_hi = _pair_vs(p_a, valid_a, t, ASM)
+    totals = tl.sum(_pair_flags(above_lo, above_hi, eq_lo, eq_hi), axis=0)
     if HAS_B:
-        totals += tl.sum(_pair_flags(p_b, valid_b, t), axis=0)
+        above_lo, above_hi, eq_lo, eq_hi = _pair_vs(p_b, valid_b, t, ASM)
+        totals += tl.sum(_pair_flags(above_lo, above_hi, eq_lo, eq_hi), axis=0)
     return t, k - (totals >> 16)
 
 
@@ -298,8 +307,9 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
         w = w0 + tl.arange(0, CHUNK)
         valid = w < n_pairs
         p = _pair_nan_to_neg_inf(tl.load(base + w, mask=valid, other=0), ASM)  # padding: masked out of every flag
-        flags = _pair_flags(p, valid, t)
-        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(p, valid, t, flags, offset, need)
+        above_lo, above_hi, eq_lo, eq_hi = _pair_vs(p, valid, t, ASM)
+        flags = _pair_flags(above_lo, above_hi, eq_lo, eq_hi)
+        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(above_lo, above_hi, eq_lo, eq_hi, flags, offset, need)
         tl.store(out + slot_lo, (2 * w).to(idx_ty), mask=keep_lo)
         tl.store(out + slot_hi, (2 * w + 1).to(idx_ty), mask=keep_hi)
         offset += tl.sum(flags, axis=0)
@@ -340,7 +350,7 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
 _HELPERS = {f.__name__: f for f in (_pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
-                                    _pair_halves_vs, _pair_flags, _pair_slots, _pair_row_threshold)}
+                                    _pair_vs, _pair_flags, _pair_slots, _pair_row_threshold)}
 
 
 def _import_triton() -> None:
