@@ -46,6 +46,9 @@ MAX_ARGMAX_ROUNDS = 8
 # Words of a bf16 row placed at a time (see `_bf16_pair_topk`): the fastest on an H200 of 64 to
 # 512 (0.348 ms at 32768 x 2736, K 512; 0.355-0.363 for the others).
 PLACE_CHUNK = 128
+# Registers per thread the word kernel may use (None: as the compiler allocates, 168 with Triton
+# 3.6, which lets 12 one-warp rows run on an SM).
+PAIR_MAXNREG = None
 
 
 def interpreting() -> bool:
@@ -452,7 +455,7 @@ def packed_compare_in_asm(device: torch.device) -> bool:
 
 
 def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Optional[int],
-                  chunk: Optional[int]) -> None:
+                  chunk: Optional[int], maxnreg: Optional[int]) -> None:
     n_pairs = words.shape[1]
     block_a, block_b = split_blocks(n_pairs)
     _, default_warps = _launch_config(2 * (block_a + block_b))
@@ -462,7 +465,8 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
         words, out, n_pairs, k, words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
-        ASM=packed_compare_in_asm(words.device), CHUNK=chunk, num_warps=num_warps or default_warps)
+        ASM=packed_compare_in_asm(words.device), CHUNK=chunk, num_warps=num_warps or default_warps,
+        **({} if interpreting() or maxnreg is None else {"maxnreg": maxnreg}))
 
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16)
@@ -477,7 +481,7 @@ def _check_out_dtype(out_dtype: torch.dtype, width: int) -> None:
 
 def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = None,
              num_warps: Optional[int] = None, split: Optional[bool] = None, int_count: bool = False,
-             packed: Optional[bool] = None, chunk: Optional[int] = None,
+             packed: Optional[bool] = None, chunk: Optional[int] = None, maxnreg: Optional[int] = None,
              out_dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Indices (rows x k, int64 unless out_dtype says narrower) of the k largest scores of each
     row (NaN ranks as -inf), in ascending channel order within each row (MoC's ordered training
@@ -485,8 +489,9 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
     torch.topk, sorted.
 
     bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
-    launch setting other than num_warps and chunk also selects the float32 kernel); chunk is
-    its placement's width in words (None: PLACE_CHUNK)."""
+    launch setting other than num_warps, chunk and maxnreg also selects the float32 kernel);
+    chunk is its placement's width in words (None: PLACE_CHUNK), maxnreg a cap on its registers
+    per thread (None: PAIR_MAXNREG)."""
     bits, fmt = _raw_bits(scores)
     rows, width = scores.shape
     if not 1 <= k <= width:
@@ -503,7 +508,7 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
     if packed is None:
         packed = words is not None and segs_per_program is None and split is None and not int_count
     if packed:
-        _launch_pairs(words, out, k, num_warps, chunk)
+        _launch_pairs(words, out, k, num_warps, chunk, PAIR_MAXNREG if maxnreg is None else maxnreg)
         return out
     _launch_segments(bits, out, fmt, n_segments=rows, segs_per_row=1, seg_width=width, k=k,
                      in_col0=0, seg_in_stride=0, out_col0=0, seg_out_stride=0,
