@@ -44,11 +44,12 @@ MAX_BLOCK = 32768
 # Groups with at most this many picks use the argmax-rounds kernel; more use the radix select.
 MAX_ARGMAX_ROUNDS = 8
 # Words of a bf16 row placed at a time (see `_bf16_pair_topk`): the fastest on an H200 of 64 to
-# 512 (0.348 ms at 32768 x 2736, K 512; 0.355-0.363 for the others).
+# 512, with and without the register cap below.
 PLACE_CHUNK = 128
-# Registers per thread the word kernel may use (None: as the compiler allocates, 168 with Triton
-# 3.6, which lets 12 one-warp rows run on an SM).
-PAIR_MAXNREG = None
+# Registers per thread the word kernel may use. Uncapped, Triton 3.6 gives it 168, so 12 one-warp
+# rows share an SM and ncu finds no warp ready 42% of the time; 96 lets 21 run: 0.265 ms against
+# 0.291 ms on an H200 (80: 0.281, 128: 0.278; bench.topk --tune).
+PAIR_MAXNREG = 96
 
 
 def interpreting() -> bool:
@@ -175,10 +176,12 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
 # On sm_90 one `set.ge.u32.bf16x2` compares both halves of a word against the candidate and one
 # add counts them (and REDUX sums a warp), so the 16-round threshold search costs about as much
 # as reading the row (0.107 ms for the load and search on the 32768 x 2736 benchmark, against
-# 0.071 ms for the load alone). What is left (0.35 ms in all on an H200) is placing the kept
-# values. Placing a chunk at a time (below) rather than the whole row in registers gained only
-# 8%, so the registers it frees were not what bound it; capping the registers spilled and timed
-# slower, and a scan in (lane, slot) order instead of channel order timed the same. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
+# 0.071 ms for the load alone). Placing the kept values is the rest. The kernel issues
+# instructions more than it moves bytes (ncu: SM 78% busy, DRAM 10%), so the placement takes
+# each word's above/equal flags from two more bf16x2 compares, a chunk of words at a time (the
+# whole row at once held 255 registers), and the registers are capped (PAIR_MAXNREG) so that
+# more rows share an SM: 0.376 ms -> 0.265 ms on an H200 in all. A scan in (lane, slot) order
+# instead of channel order timed the same. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
 # two float32 values: same results.
 
 def _pair_ge(p, c, ASM: tl.constexpr):
@@ -299,7 +302,7 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
     """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words) for
     the threshold search; then the kept values are placed CHUNK words at a time, the row read
     again (from cache). Scanning the register pieces whole instead timed 8% slower on an H200
-    (0.376 against 0.348 ms at 32768 x 2736, K 512)."""
+    (0.376 against 0.348 ms at 32768 x 2736, K 512, both before the register cap)."""
     row = tl.program_id(0).to(tl.int64)
     base = words_ptr + row * in_row_stride
     out = out_ptr + row * out_row_stride
