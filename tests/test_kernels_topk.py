@@ -151,6 +151,8 @@ def test_row_topk_refuses_index_types_too_narrow_or_not_integer(interpret):
         topk_triton.row_topk(torch.randn(1, 32769), 3, out_dtype=torch.int16)
     with pytest.raises(ValueError, match="chunk = 3 must be a power of two"):
         topk_triton.row_topk(torch.randn(2, 16).bfloat16(), 3, chunk=3)
+    with pytest.raises(ValueError, match=r"maxnreg = 8 must be in \[24, 255\]"):
+        topk_triton.row_topk(torch.randn(2, 16).bfloat16(), 3, maxnreg=8)
     wide = torch.randn(2, topk_triton.MAX_BLOCK + 5)  # the torch.topk fallback converts too
     assert_row_topk(wide, topk_triton.row_topk(wide, 6, out_dtype=torch.int32), 6, dtype=torch.int32)
 

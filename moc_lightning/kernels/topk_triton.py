@@ -465,6 +465,8 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     chunk = PLACE_CHUNK if chunk is None else chunk
     if chunk <= 0 or chunk & (chunk - 1):
         raise ValueError(f"chunk = {chunk} must be a power of two")
+    if maxnreg is not None and not 24 <= maxnreg <= 255:
+        raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread (or None: no cap)")
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
         words, out, n_pairs, k, words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
