@@ -93,11 +93,13 @@ class ForwardPack(NamedTuple):
     z_sel: Optional[torch.Tensor]
 
 
-def _compact_outputs(rows: int, kept: int, like: torch.Tensor, index_dtype: torch.dtype, store_sz: bool):
-    """Empty compact tensors (rows x kept); S and Z ones are 1-element dummies when not stored."""
+def _compact_outputs(rows: int, kept: int, like: torch.Tensor, index_dtype: Optional[torch.dtype], store_sz: bool):
+    """Empty compact tensors (rows x kept); S and Z ones are 1-element dummies when not stored,
+    and the index one None when index_dtype is (the caller has one)."""
     new = lambda dtype=like.dtype: torch.empty(rows, kept, dtype=dtype, device=like.device)
     dummy = like.new_empty(1)
-    return new(index_dtype), new(), new(), (new() if store_sz else dummy), (new() if store_sz else dummy)
+    ix = None if index_dtype is None else new(index_dtype)
+    return ix, new(), new(), (new() if store_sz else dummy), (new() if store_sz else dummy)
 
 
 def _ordered_meta(block_r: int, block_f: int) -> dict:
@@ -245,12 +247,11 @@ if TRITON_AVAILABLE:
         are gathered into (rows, groups, A) tiles and stored once, contiguous: storing each
         round's picks at stride A wrote the compact rows in A interleaved passes of 2-byte
         stores (0.379 ms on an H200 at 32768 x 2736, 2:8)."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-        r = rows.to(tl.int64)[:, None]
         p3 = tl.arange(0, B)[None, None, :]
         ch3 = groups[None, :, None] * B + p3
-        valid3 = (rows < n_rows)[:, None, None] & (ch3 < width)
+        valid3 = row_ok[:, None, None] & (ch3 < width)
         g3 = tl.load(G + r[:, :, None] * s_g + ch3, mask=valid3, other=0.0).to(tl.float32)
         u3 = tl.load(U + r[:, :, None] * s_u + ch3, mask=valid3, other=0.0).to(tl.float32)
         if POST_SILU:
@@ -264,7 +265,7 @@ if TRITON_AVAILABLE:
         z3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         slot3 = tl.arange(0, A_P2)[None, None, :]
         picked = slot3 < 0  # which (row, group, slot) holds a pick
-        ch_acc = (groups[None, :, None] * B + slot3) * 0
+        ch_acc = tl.zeros([BLOCK_R, GROUPS, A_P2], tl.int32)
         g_acc = tl.zeros([BLOCK_R, GROUPS, A_P2], tl.float32)
         u_acc = tl.zeros([BLOCK_R, GROUPS, A_P2], tl.float32)
         for t in tl.static_range(A):
@@ -273,7 +274,7 @@ if TRITON_AVAILABLE:
             hit = p3 == pos[:, :, None]
             # A ragged last group of r < A channels runs out of candidates: its later picks are
             # -inf and are neither kept nor stored (their slots lie past the kept width).
-            ok = (best > float("-inf")) & (rows < n_rows)[:, None]
+            ok = (best > float("-inf")) & row_ok[:, None]
             scores = tl.where(hit, float("-inf"), scores)
             if POST_SILU:
                 g_pick = tl.sum(tl.where(hit, g3, 0.0), axis=2)
@@ -302,16 +303,15 @@ if TRITON_AVAILABLE:
                                A: tl.constexpr, B: tl.constexpr, STORED: tl.constexpr,
                                BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
         """Compact slots [j*A, j*A + A) belong to group j: each dense tile is written once, whole."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-        r = rows.to(tl.int64)[:, None]
         ch3 = groups[None, :, None] * B + tl.arange(0, B)[None, None, :]
         z3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         gg3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         gu3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         for t in tl.static_range(A):
             slots = groups[None, :] * A + t
-            ok = (rows < n_rows)[:, None] & (slots < kept) & (groups < n_groups)[None, :]
+            ok = row_ok[:, None] & (slots < kept) & (groups < n_groups)[None, :]
             compact = r * s_c + slots
             ch = tl.load(IX + compact, mask=ok, other=-1).to(tl.int32)
             g = tl.load(GS + compact, mask=ok, other=0.0).to(tl.float32)
@@ -328,7 +328,7 @@ if TRITON_AVAILABLE:
             gg3 = tl.where(hit, (u * gz * ds)[:, :, None], gg3)
             gu3 = tl.where(hit, (s * gz)[:, :, None], gu3)
         out = BUF + r[:, :, None] * s_buf + ch3
-        ok3 = (rows < n_rows)[:, None, None] & (ch3 < width)
+        ok3 = row_ok[:, None, None] & (ch3 < width)
         tl.store(out, z3.to(BUF.dtype.element_ty), mask=ok3)
         tl.store(out + width, gg3.to(BUF.dtype.element_ty), mask=ok3)
         tl.store(out + 2 * width, gu3.to(BUF.dtype.element_ty), mask=ok3)
@@ -398,13 +398,13 @@ def scatter_forward(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, index_d
     rows, width = g.shape
     kept = idx.shape[1]
     z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
-    ix, gs, us, ss, zs = _compact_outputs(rows, kept, g, index_dtype, store_sz)
     write_ix = not (idx.dtype == index_dtype and idx.is_contiguous())
+    ix, gs, us, ss, zs = _compact_outputs(rows, kept, g, index_dtype if write_ix else None, store_sz)
+    ix = ix if write_ix else idx  # WRITE_IX off: the kernel never stores through it
     _launch(_scatter_forward_tuned, _scatter_forward_kernel, _INTERPRET_ELEMENTWISE,
             _rows_grid(rows), g, u, idx, z_dense, ix, gs, us, ss, zs, rows, width, kept,
             g.stride(0), u.stride(0), idx.stride(0), z_dense.stride(0), kept, STORE_SZ=store_sz,
             WRITE_IX=write_ix)
-    ix = ix if write_ix else idx
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
 
 

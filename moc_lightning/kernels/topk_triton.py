@@ -8,8 +8,9 @@ barrier); one prefix scan then places the values above T and the first (K - #abo
 T, so exactly K distinct indices come out whatever the ties. Small groups (a <= 8) use a
 cheaper kernel instead: a rounds of argmax per group, each round knocking out the winner.
 
-Outputs are int64 (rows x kept; row Top-K can write int32 or int16 instead), the layout of `moc_lightning.ffn.topk`'s torch backend: group
-g's picks sit at columns [g*a, g*a + min(a, r_g)), the ragged last group's at the end.
+Outputs are int64 (rows x kept; row Top-K can write int32 or int16 instead), the layout of
+`moc_lightning.ffn.topk`'s torch backend: group g's picks sit at columns [g*a, g*a + min(a, r_g)),
+the ragged last group's at the end.
 
 The module imports without triton; the kernels are JIT-decorated on first use, in the mode
 (compiled or TRITON_INTERPRET=1) in force then, so CPU tests can run them in the interpreter.
@@ -181,8 +182,8 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
 # each word's above/equal flags from two more bf16x2 compares, a chunk of words at a time (the
 # whole row at once held 255 registers), and the registers are capped (PAIR_MAXNREG) so that
 # more rows share an SM: 0.376 ms -> 0.265 ms on an H200 in all. A scan in (lane, slot) order
-# instead of channel order timed the same. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
-# two float32 values: same results.
+# instead of channel order timed the same. Elsewhere (the CPU interpreter, older GPUs) the same
+# words are compared as two float32 values: same results.
 
 def _pair_ge(p, c, ASM: tl.constexpr):
     """0xFFFF in each 16-bit half of the result where that half of `p` is >= the bf16 value in
@@ -466,7 +467,7 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     if chunk <= 0 or chunk & (chunk - 1):
         raise ValueError(f"chunk = {chunk} must be a power of two")
     if maxnreg is not None and not 24 <= maxnreg <= 255:
-        raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread (or None: no cap)")
+        raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread")
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
         words, out, n_pairs, k, words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
