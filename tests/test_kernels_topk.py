@@ -135,6 +135,19 @@ def test_bf16_word_kernel_places_in_chunks_whatever_their_width(interpret, width
     assert torch.equal(chunked, stable.sort(dim=1).values)
 
 
+def test_bf16_word_kernel_keeps_the_first_ties_at_every_k(interpret):
+    """Every k over rows of few distinct values: the last tie kept falls in a word's low half, in
+    its high half, in the second register piece (38 channels: 16 + 4 words), or all ties are
+    kept; the kept set is a stable sort's each time, and -0 ties with +0 as in IEEE."""
+    scores = torch.randint(-2, 2, (4, 38)).bfloat16()
+    scores[3, ::3] = -0.0
+    scores[3, 1::3] = 0.0
+    stable = torch.argsort(scores.double(), dim=1, descending=True, stable=True)
+    for k in range(1, 39, 2):
+        idx = topk_triton.row_topk(scores, k, packed=True, chunk=4)
+        assert torch.equal(idx, stable[:, :k].sort(dim=1).values), f"k = {k}"
+
+
 @pytest.mark.parametrize("out_dtype", [torch.int32, torch.int16])
 @pytest.mark.parametrize("dtype,packed", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, None)])
 def test_row_topk_writes_narrow_indices(interpret, out_dtype, dtype, packed):

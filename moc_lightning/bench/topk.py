@@ -112,8 +112,9 @@ def time_backends(rec: Recorder, backends: dict[str, tuple[Callable, Callable]],
     return times
 
 
-ROW_SETTINGS = ([dict(packed=True, num_warps=w, chunk=c) for w in (1, 2) for c in (64, 128, 256)]
-                + [dict(packed=True, num_warps=1, chunk=c, maxnreg=r) for c in (64, 128) for r in (80, 96, 128)]
+ROW_SETTINGS = ([dict(packed=True, num_warps=2, chunk=c) for c in (128, 256)]
+                + [dict(packed=True, num_warps=1, chunk=c, maxnreg=r) for c in (64, 128, 256, 512)
+                   for r in (64, 80, 96, 128, 255)]
                 + [dict(segs_per_program=s, num_warps=w, split=True, int_count=ic) for ic in (False, True)
                    for s, w in ((1, 1), (1, 2), (1, 4), (2, 2))]
                 + [dict(segs_per_program=1, num_warps=w, split=False) for w in (1, 2, 4)])

@@ -177,23 +177,35 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
 # On sm_90 one `set.ge.u32.bf16x2` compares both halves of a word against the candidate and one
 # add counts them (and REDUX sums a warp), so the 16-round threshold search costs about as much
 # as reading the row (0.107 ms for the load and search on the 32768 x 2736 benchmark, against
-# 0.071 ms for the load alone). Placing the kept values is the rest. The kernel issues
-# instructions more than it moves bytes (ncu: SM 78% busy, DRAM 10%), so the placement takes
-# each word's above/equal flags from two more bf16x2 compares, a chunk of words at a time (the
-# whole row at once held 255 registers), and the registers are capped (PAIR_MAXNREG) so that
-# more rows share an SM: 0.376 ms -> 0.265 ms on an H200 in all. A scan in (lane, slot) order
-# instead of channel order timed the same. Elsewhere (the CPU interpreter, older GPUs) the same
-# words are compared as two float32 values: same results.
+# 0.071 ms for the load alone). The kernel issues instructions more than it moves bytes (ncu: SM
+# 78% busy, DRAM 10%), so the placement is kept to one compare a word: the search also yields
+# #(x > t) and #(x >= t), so where every value equal to t is kept the kept halves are those >= t;
+# otherwise one scan over the register-held row finds the channel of the last tie kept, and words
+# before it keep halves >= t, words after it halves > t (>= the next bf16 value up), the word
+# holding it one of each. The row is placed a chunk of words at a time, read again from cache (the
+# whole row at once held 255 registers), and the registers are capped (PAIR_MAXNREG) so that more
+# rows share an SM. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
+# two float32 values: same results.
 
 def _pair_ge(p, c, ASM: tl.constexpr):
     """0xFFFF in each 16-bit half of the result where that half of `p` is >= the bf16 value in
-    the halves of `c` (the same value in both), 0 in the other halves."""
+    the same half of `c`, 0 in the other halves."""
     if ASM:
         return tl.inline_asm_elementwise("set.ge.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
-    cv = (c << 16).to(tl.float32, bitcast=True)
     lo, hi = _pair_halves(p)
-    return tl.where(lo >= cv, 0xFFFF, 0) | tl.where(hi >= cv, -65536, 0)
+    c_lo, c_hi = _pair_halves(c)
+    return tl.where(lo >= c_lo, 0xFFFF, 0) | tl.where(hi >= c_hi, -65536, 0)
+
+
+def _pair_eq(p, c, ASM: tl.constexpr):
+    """As `_pair_ge`, for halves equal to those of `c`."""
+    if ASM:
+        return tl.inline_asm_elementwise("set.eq.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    lo, hi = _pair_halves(p)
+    c_lo, c_hi = _pair_halves(c)
+    return tl.where(lo == c_lo, 0xFFFF, 0) | tl.where(hi == c_hi, -65536, 0)
 
 
 def _pair_nan_to_neg_inf(p, ASM: tl.constexpr):
@@ -213,88 +225,81 @@ def _pair_halves(p):
     return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
 
 
+def _key_bits(key):
+    """The bf16 bits (in an int32) of an order-preserving 16-bit key; keys below -inf's (negative
+    NaNs) stand for -inf."""
+    key = tl.maximum(key, 0x007F)
+    return key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
+
+
 def _pair_threshold(p_a, p_b, k, HAS_B: tl.constexpr, ASM: tl.constexpr):
-    """The k-th largest bf16 value of one row held as words p_a (and p_b), NaN already -inf and
-    padding -inf: the largest order-preserving 16-bit key t with #(x >= value(t)) >= k, built
-    from the top bit down, returned as its float32 value.
+    """The k-th largest bf16 value t of one row held as words p_a (and p_b), NaN already -inf and
+    padding -inf: the largest order-preserving 16-bit key with #(x >= value(key)) >= k, built from
+    the top bit down. Returns t's bits, the bits of the next bf16 value up (x > t exactly where x
+    >= it), #(x > t) and #(x >= t).
 
     The count: summing the compare words as int32 gives S = 0xFFFF*n_lo - 0x10000*n_hi (mod
     2**32), so -S = 0x10000*(n_hi - n_lo) + n_lo exactly (n_lo, n_hi < 2**15): n_lo is its low
     half, n_hi - n_lo its arithmetic high half. Padding (-inf) counts only for the candidate
-    -inf, which every row's k values reach anyway."""
+    -inf, which every row's k values reach anyway. The last candidate refused is t's key + 1
+    (t's bits below the refused one are all set), so its count is #(x > t); the last accepted
+    one is t itself."""
     thr = k * 0
+    above = k * 0
+    at_or_above = k * 0
     for i in range(16):
         cand = thr | (1 << (15 - i))
-        key = tl.maximum(cand, 0x007F)  # keys below -inf's (negative NaNs) stand for -inf
-        bits = key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
-        c = bits | (bits << 16)
-        s = tl.sum(_pair_ge(p_a, c, ASM), axis=0)
+        bits = _key_bits(cand)
+        s = tl.sum(_pair_ge(p_a, bits | (bits << 16), ASM), axis=0)
         if HAS_B:
-            s += tl.sum(_pair_ge(p_b, c, ASM), axis=0)
+            s += tl.sum(_pair_ge(p_b, bits | (bits << 16), ASM), axis=0)
         ns = -s
         count = 2 * (ns & 0xFFFF) + (ns >> 16)
-        thr = tl.where(count >= k, cand, thr)
-    key = tl.maximum(thr, 0x007F)
-    bits = key ^ tl.where(key >= 0x8000, 0x8000, 0xFFFF)
-    return (bits << 16).to(tl.float32, bitcast=True)
+        ok = count >= k
+        thr = tl.where(ok, cand, thr)
+        above = tl.where(ok, above, count)
+        at_or_above = tl.where(ok, count, at_or_above)
+    return _key_bits(thr), _key_bits(tl.minimum(thr + 1, 0xFFFF)), above, at_or_above
 
 
-def _pair_vs(p, valid, t, ASM: tl.constexpr):
-    """0/1 int32 flags per word, of its halves against t: low above, high above, low equal, high
-    equal; words with `valid` False have none. On sm_90 two bf16x2 compares give all four."""
-    v = valid.to(tl.int32)
-    if ASM:
-        tb = (t.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
-        c = tb | (tb << 16)
-        gt = tl.inline_asm_elementwise("set.gt.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
-                                       dtype=tl.int32, is_pure=True, pack=1)
-        eq = tl.inline_asm_elementwise("set.eq.u32.bf16x2 $0, $1, $2;", "=r,r,r", [p, c],
-                                       dtype=tl.int32, is_pure=True, pack=1)
-        return gt & v, (gt >> 16) & v, eq & v, (eq >> 16) & v
-    lo, hi = _pair_halves(p)
-    return ((lo > t).to(tl.int32) & v, (hi > t).to(tl.int32) & v,
-            (lo == t).to(tl.int32) & v, (hi == t).to(tl.int32) & v)
-
-
-def _pair_flags(above_lo, above_hi, eq_lo, eq_hi):
-    """Per word: (#halves above t) << 16 | #halves equal to t."""
-    return (above_lo + above_hi) * 65536 + eq_lo + eq_hi
-
-
-def _pair_slots(above_lo, above_hi, eq_lo, eq_hi, flags, offset, need):
-    """Whether each half is kept (all above t, then the first `need` equal to t in channel
-    order) and its slot among the kept, from an inclusive scan of the word flags; `offset` is
-    the flags summed over the words before this piece."""
-    excl = tl.cumsum(flags, axis=0) - flags + offset
-    before_above = excl >> 16
-    before_eq = excl & 0xFFFF
-    keep_lo = (above_lo == 1) | ((eq_lo == 1) & (before_eq + 1 <= need))
-    keep_hi = (above_hi == 1) | ((eq_hi == 1) & (before_eq + eq_lo + 1 <= need))
-    slot_lo = before_above + above_lo + tl.minimum(before_eq + eq_lo, need) - 1
-    slot_hi = before_above + above_lo + above_hi + tl.minimum(before_eq + eq_lo + eq_hi, need) - 1
-    return keep_lo, keep_hi, slot_lo, slot_hi
+def _pair_tie_cut(p, w, tt, need, before, ASM: tl.constexpr):
+    """In one register piece of words (indices w): the channel of the need-th value equal to t
+    (in channel order, `before` of them in earlier pieces), or 2**30 where it lies elsewhere;
+    and the piece's count of values equal to t. Padding (-inf) can tie only after the need-th."""
+    eq = _pair_eq(p, tt, ASM)
+    e_lo = eq & 1
+    e_hi = (eq >> 16) & 1
+    n = e_lo + e_hi
+    incl = tl.cumsum(n, axis=0) + before
+    cut_lo = (e_lo == 1) & (incl - n + 1 == need)
+    cut_hi = (e_hi == 1) & (incl == need)
+    cut = tl.min(tl.where(cut_lo, 2 * w, tl.where(cut_hi, 2 * w + 1, 1 << 30)), axis=0)
+    return cut, tl.sum(n, axis=0)
 
 
 def _pair_row_threshold(base, n_pairs, k, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr,
                         ASM: tl.constexpr):
-    """The row at `base` (n_pairs words) loaded into registers: its k-th largest value t, and how
-    many values equal to t are kept (k minus the count above t)."""
+    """The row at `base` (n_pairs words) loaded into registers: the bits of its k-th largest
+    value t and of the next value up, and the last channel whose value equal to t is kept
+    (2 * n_pairs when all are)."""
     w_a = tl.arange(0, BLOCK_A)
-    valid_a = w_a < n_pairs
     # Padding is -inf in both halves: 0xFF80FF80 as a signed int32.
-    p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=valid_a, other=-8323200), ASM)
+    p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=w_a < n_pairs, other=-8323200), ASM)
     p_b = p_a
+    w_b = w_a
     if HAS_B:
         w_b = BLOCK_A + tl.arange(0, BLOCK_B)
-        valid_b = w_b < n_pairs
-        p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=valid_b, other=-8323200), ASM)
-    t = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
-    above_lo, above_hi, eq_lo, eq_hi = _pair_vs(p_a, valid_a, t, ASM)
-    totals = tl.sum(_pair_flags(above_lo, above_hi, eq_lo, eq_hi), axis=0)
-    if HAS_B:
-        above_lo, above_hi, eq_lo, eq_hi = _pair_vs(p_b, valid_b, t, ASM)
-        totals += tl.sum(_pair_flags(above_lo, above_hi, eq_lo, eq_hi), axis=0)
-    return t, k - (totals >> 16)
+        p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=w_b < n_pairs, other=-8323200), ASM)
+    tb, ub, above, at_or_above = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
+    need = k - above
+    cut = 2 * n_pairs
+    if at_or_above - above > need:  # more values equal t than are kept: the first `need` are
+        tt = tb | (tb << 16)
+        cut, ties_a = _pair_tie_cut(p_a, w_a, tt, need, 0, ASM)
+        if HAS_B:
+            cut_b, _ = _pair_tie_cut(p_b, w_b, tt, need, ties_a, ASM)
+            cut = tl.minimum(cut, cut_b)
+    return tb, ub, cut
 
 
 def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
@@ -302,24 +307,30 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
                     CHUNK: tl.constexpr):
     """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words) for
     the threshold search; then the kept values are placed CHUNK words at a time, the row read
-    again (from cache). Scanning the register pieces whole instead timed 8% slower on an H200
-    (0.376 against 0.348 ms at 32768 x 2736, K 512, both before the register cap)."""
+    again (from cache), one compare a word: halves >= t up to the cut channel, > t after it."""
     row = tl.program_id(0).to(tl.int64)
     base = words_ptr + row * in_row_stride
     out = out_ptr + row * out_row_stride
     idx_ty = out_ptr.dtype.element_ty
-    t, need = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
-    offset = need * 0
+    tb, ub, cut = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
+    tt = tb | (tb << 16)
+    uu = ub | (ub << 16)
+    cut_w = cut >> 1
+    # The cut word: an even cut channel is its low half, so its high half needs > t.
+    c_cut = tl.where((cut & 1) == 0, tb | (ub << 16), tt)
+    offset = cut * 0
     for w0 in range(0, n_pairs, CHUNK):
         w = w0 + tl.arange(0, CHUNK)
-        valid = w < n_pairs
-        p = _pair_nan_to_neg_inf(tl.load(base + w, mask=valid, other=0), ASM)  # padding: masked out of every flag
-        above_lo, above_hi, eq_lo, eq_hi = _pair_vs(p, valid, t, ASM)
-        flags = _pair_flags(above_lo, above_hi, eq_lo, eq_hi)
-        keep_lo, keep_hi, slot_lo, slot_hi = _pair_slots(above_lo, above_hi, eq_lo, eq_hi, flags, offset, need)
-        tl.store(out + slot_lo, (2 * w).to(idx_ty), mask=keep_lo)
-        tl.store(out + slot_hi, (2 * w + 1).to(idx_ty), mask=keep_hi)
-        offset += tl.sum(flags, axis=0)
+        v = (w < n_pairs).to(tl.int32)
+        p = _pair_nan_to_neg_inf(tl.load(base + w, mask=w < n_pairs, other=0), ASM)
+        ge = _pair_ge(p, tl.where(w < cut_w, tt, tl.where(w == cut_w, c_cut, uu)), ASM)
+        keep_lo = ge & v
+        keep_hi = (ge >> 16) & v
+        n = keep_lo + keep_hi
+        slot = tl.cumsum(n, axis=0) - n + offset
+        tl.store(out + slot, (2 * w).to(idx_ty), mask=keep_lo != 0)
+        tl.store(out + slot + keep_lo, (2 * w + 1).to(idx_ty), mask=keep_hi != 0)
+        offset += tl.sum(n, axis=0)
 
 
 def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
@@ -356,8 +367,8 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
-_HELPERS = {f.__name__: f for f in (_pair_ge, _pair_nan_to_neg_inf, _pair_halves, _pair_threshold,
-                                    _pair_vs, _pair_flags, _pair_slots, _pair_row_threshold)}
+_HELPERS = {f.__name__: f for f in (_pair_ge, _pair_eq, _pair_nan_to_neg_inf, _pair_halves, _key_bits,
+                                    _pair_threshold, _pair_tie_cut, _pair_row_threshold)}
 
 
 def _import_triton() -> None:
