@@ -262,75 +262,86 @@ def _pair_threshold(p_a, p_b, k, HAS_B: tl.constexpr, ASM: tl.constexpr):
     return _key_bits(thr), _key_bits(tl.minimum(thr + 1, 0xFFFF)), above, at_or_above
 
 
-def _pair_tie_cut(p, w, tt, need, before, ASM: tl.constexpr):
-    """In one register piece of words (indices w): the channel of the need-th value equal to t
-    (in channel order, `before` of them in earlier pieces), or 2**30 where it lies elsewhere;
-    and the piece's count of values equal to t. Padding (-inf) can tie only after the need-th."""
-    eq = _pair_eq(p, tt, ASM)
-    e_lo = eq & 1
-    e_hi = (eq >> 16) & 1
-    n = e_lo + e_hi
-    incl = tl.cumsum(n, axis=0) + before
-    cut_lo = (e_lo == 1) & (incl - n + 1 == need)
-    cut_hi = (e_hi == 1) & (incl == need)
-    cut = tl.min(tl.where(cut_lo, 2 * w, tl.where(cut_hi, 2 * w + 1, 1 << 30)), axis=0)
-    return cut, tl.sum(n, axis=0)
-
-
 def _pair_row_threshold(base, n_pairs, k, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr,
                         ASM: tl.constexpr):
-    """The row at `base` (n_pairs words) loaded into registers: the bits of its k-th largest
-    value t and of the next value up, and the last channel whose value equal to t is kept
-    (2 * n_pairs when all are)."""
+    """`_pair_threshold` of the row at `base` (n_pairs words), loaded into registers."""
     w_a = tl.arange(0, BLOCK_A)
     # Padding is -inf in both halves: 0xFF80FF80 as a signed int32.
     p_a = _pair_nan_to_neg_inf(tl.load(base + w_a, mask=w_a < n_pairs, other=-8323200), ASM)
     p_b = p_a
-    w_b = w_a
     if HAS_B:
         w_b = BLOCK_A + tl.arange(0, BLOCK_B)
         p_b = _pair_nan_to_neg_inf(tl.load(base + w_b, mask=w_b < n_pairs, other=-8323200), ASM)
-    tb, ub, above, at_or_above = _pair_threshold(p_a, p_b, k, HAS_B, ASM)
-    need = k - above
-    cut = 2 * n_pairs
-    if at_or_above - above > need:  # more values equal t than are kept: the first `need` are
-        tt = tb | (tb << 16)
-        cut, ties_a = _pair_tie_cut(p_a, w_a, tt, need, 0, ASM)
-        if HAS_B:
-            cut_b, _ = _pair_tie_cut(p_b, w_b, tt, need, ties_a, ASM)
-            cut = tl.minimum(cut, cut_b)
-    return tb, ub, cut
+    return _pair_threshold(p_a, p_b, k, HAS_B, ASM)
+
+
+def _scan_2d(n):
+    """The exclusive prefix sums of n (ROWS, VEC) in row-major order, and its total. Each thread
+    holds a row's VEC words, so one warp scan of the row totals does it: the 1-d scan of a chunk
+    spread its words over the lanes and took a warp scan per register (SASS: 4x the shuffles)."""
+    row_total = tl.sum(n, axis=1)
+    before = tl.cumsum(row_total, axis=0) - row_total
+    return before[:, None] + tl.cumsum(n, axis=1) - n, tl.sum(row_total, axis=0)
+
+
+def _pair_chunk_cut(eq_lo, eq_hi, w, need):
+    """The channel of the need-th value equal to t in a chunk of words w (need >= 1, and the
+    chunk holds at least that many)."""
+    before, _ = _scan_2d(eq_lo + eq_hi)
+    cut_lo = (eq_lo == 1) & (before + 1 == need)
+    cut_hi = (eq_hi == 1) & (before + eq_lo + 1 == need)
+    cut = tl.where(cut_lo, 2 * w, tl.where(cut_hi, 2 * w + 1, 1 << 30))
+    return tl.min(tl.min(cut, axis=1), axis=0)
 
 
 def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    ROWS: tl.constexpr, VEC: tl.constexpr):
     """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words) for
-    the threshold search; then the kept values are placed CHUNK words at a time, the row read
-    again (from cache), one compare a word: halves >= t up to the cut channel, > t after it."""
+    the threshold search; then the kept values are placed a chunk of (ROWS, VEC) words at a time,
+    the row read again (from cache), one compare a word: halves >= t up to the last value equal
+    to t that is kept (the `cut` channel), > t after it. Where some ties are dropped, each chunk
+    also counts its ties against those still to keep; the chunk where they run out finds the cut
+    by a scan."""
     row = tl.program_id(0).to(tl.int64)
     base = words_ptr + row * in_row_stride
     out = out_ptr + row * out_row_stride
     idx_ty = out_ptr.dtype.element_ty
-    tb, ub, cut = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
+    tb, ub, above, at_or_above = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
     tt = tb | (tb << 16)
     uu = ub | (ub << 16)
-    cut_w = cut >> 1
-    # The cut word: an even cut channel is its low half, so its high half needs > t.
-    c_cut = tl.where((cut & 1) == 0, tb | (ub << 16), tt)
-    offset = cut * 0
-    for w0 in range(0, n_pairs, CHUNK):
-        w = w0 + tl.arange(0, CHUNK)
+    budget = k - above  # values equal to t still to keep
+    all_ties_kept = at_or_above - above == budget
+    offset = k * 0
+    for w0 in range(0, n_pairs, ROWS * VEC):
+        w = w0 + tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
         v = (w < n_pairs).to(tl.int32)
         p = _pair_nan_to_neg_inf(tl.load(base + w, mask=w < n_pairs, other=0), ASM)
+        cut = 2 * (w0 + ROWS * VEC)  # no tie of this chunk dropped
+        if not all_ties_kept:
+            eq = _pair_eq(p, tt, ASM)
+            eq_lo = eq & v
+            eq_hi = (eq >> 16) & v
+            ties = tl.sum(tl.sum(eq_lo + eq_hi, axis=1), axis=0)
+            if ties > budget:
+                if budget == 0:
+                    cut = 2 * w0 - 1  # every half of the chunk needs > t
+                else:
+                    cut = _pair_chunk_cut(eq_lo, eq_hi, w, budget)
+                budget = budget * 0
+            else:
+                budget -= ties
+        cut_w = cut >> 1
+        # The cut word: an even cut channel is its low half, so its high half needs > t.
+        c_cut = tl.where((cut & 1) == 0, tb | (ub << 16), tt)
         ge = _pair_ge(p, tl.where(w < cut_w, tt, tl.where(w == cut_w, c_cut, uu)), ASM)
         keep_lo = ge & v
         keep_hi = (ge >> 16) & v
-        n = keep_lo + keep_hi
-        slot = tl.cumsum(n, axis=0) - n + offset
+        slot, kept = _scan_2d(keep_lo + keep_hi)
+        slot += offset
         tl.store(out + slot, (2 * w).to(idx_ty), mask=keep_lo != 0)
         tl.store(out + slot + keep_lo, (2 * w + 1).to(idx_ty), mask=keep_hi != 0)
-        offset += tl.sum(n, axis=0)
+        offset += kept
 
 
 def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
@@ -368,7 +379,7 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
 _HELPERS = {f.__name__: f for f in (_pair_ge, _pair_eq, _pair_nan_to_neg_inf, _pair_halves, _key_bits,
-                                    _pair_threshold, _pair_tie_cut, _pair_row_threshold)}
+                                    _pair_threshold, _pair_row_threshold, _scan_2d, _pair_chunk_cut)}
 
 
 def _import_triton() -> None:
@@ -479,10 +490,12 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
         raise ValueError(f"chunk = {chunk} must be a power of two")
     if maxnreg is not None and not 24 <= maxnreg <= 255:
         raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread")
+    num_warps = num_warps or default_warps
+    vec = max(1, chunk // (32 * num_warps))  # a thread's contiguous words in a chunk
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
         words, out, n_pairs, k, words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
-        ASM=packed_compare_in_asm(words.device), CHUNK=chunk, num_warps=num_warps or default_warps,
+        ASM=packed_compare_in_asm(words.device), ROWS=chunk // vec, VEC=vec, num_warps=num_warps,
         **({} if interpreting() or maxnreg is None else {"maxnreg": maxnreg}))
 
 
