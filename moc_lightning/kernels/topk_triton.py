@@ -276,12 +276,15 @@ def _pair_row_threshold(base, n_pairs, k, BLOCK_A: tl.constexpr, BLOCK_B: tl.con
 
 
 def _scan_2d(n):
-    """The exclusive prefix sums of n (ROWS, VEC) in row-major order, and its total. Each thread
-    holds a row's VEC words, so one warp scan of the row totals does it: the 1-d scan of a chunk
-    spread its words over the lanes and took a warp scan per register (SASS: 4x the shuffles)."""
-    row_total = tl.sum(n, axis=1)
-    before = tl.cumsum(row_total, axis=0) - row_total
-    return before[:, None] + tl.cumsum(n, axis=1) - n, tl.sum(row_total, axis=0)
+    """The exclusive prefix sums of n (VEC, LANES) in column-major order (word lane * VEC + i at
+    [i, lane]), and its total. Lanes hold their VEC contiguous words in registers (16-byte loads
+    where aligned), so one warp scan of the lane totals does it; a 1-d chunk spreads its words
+    over the lanes and took a warp scan per register. (VEC, LANES) rather than (LANES, VEC): the
+    default layout of the scattered index stores then matches the loads' (no shared-memory
+    conversion between them)."""
+    lane_total = tl.sum(n, axis=0)
+    before = tl.cumsum(lane_total, axis=0) - lane_total
+    return before[None, :] + tl.cumsum(n, axis=0) - n, tl.sum(lane_total, axis=0)
 
 
 def _pair_chunk_cut(eq_lo, eq_hi, w, need):
@@ -291,20 +294,23 @@ def _pair_chunk_cut(eq_lo, eq_hi, w, need):
     cut_lo = (eq_lo == 1) & (before + 1 == need)
     cut_hi = (eq_hi == 1) & (before + eq_lo + 1 == need)
     cut = tl.where(cut_lo, 2 * w, tl.where(cut_hi, 2 * w + 1, 1 << 30))
-    return tl.min(tl.min(cut, axis=1), axis=0)
+    return tl.min(tl.min(cut, axis=0), axis=0)
 
 
 def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr,
-                    ROWS: tl.constexpr, VEC: tl.constexpr):
+                    LANES: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
     """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words) for
-    the threshold search; then the kept values are placed a chunk of (ROWS, VEC) words at a time,
+    the threshold search; then the kept values are placed a chunk of (VEC, LANES) words at a time,
     the row read again (from cache), one compare a word: halves >= t up to the last value equal
     to t that is kept (the `cut` channel), > t after it. Where some ties are dropped, each chunk
     also counts its ties against those still to keep; the chunk where they run out finds the cut
     by a scan."""
     row = tl.program_id(0).to(tl.int64)
-    base = words_ptr + row * in_row_stride
+    if ALIGNED:  # in_row_stride counts 4-word vectors: the compiler then knows rows start on 16 B
+        base = words_ptr + row * (in_row_stride * 4)
+    else:
+        base = words_ptr + row * in_row_stride
     out = out_ptr + row * out_row_stride
     idx_ty = out_ptr.dtype.element_ty
     tb, ub, above, at_or_above = _pair_row_threshold(base, n_pairs, k, BLOCK_A, BLOCK_B, HAS_B, ASM)
@@ -313,16 +319,21 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
     budget = k - above  # values equal to t still to keep
     all_ties_kept = at_or_above - above == budget
     offset = k * 0
-    for w0 in range(0, n_pairs, ROWS * VEC):
-        w = w0 + tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-        v = (w < n_pairs).to(tl.int32)
-        p = _pair_nan_to_neg_inf(tl.load(base + w, mask=w < n_pairs, other=0), ASM)
-        cut = 2 * (w0 + ROWS * VEC)  # no tie of this chunk dropped
+    for w0 in range(0, n_pairs, LANES * VEC):
+        start = w0 + tl.arange(0, LANES)[None, :] * VEC
+        w = start + tl.arange(0, VEC)[:, None]
+        if ALIGNED:  # whole lanes in or out (n_pairs is a multiple of VEC): 16-byte loads
+            valid = start < n_pairs
+        else:
+            valid = w < n_pairs
+        v = valid.to(tl.int32)
+        p = _pair_nan_to_neg_inf(tl.load(base + w, mask=valid, other=0), ASM)
+        cut = 2 * (w0 + LANES * VEC)  # no tie of this chunk dropped
         if not all_ties_kept:
             eq = _pair_eq(p, tt, ASM)
             eq_lo = eq & v
             eq_hi = (eq >> 16) & v
-            ties = tl.sum(tl.sum(eq_lo + eq_hi, axis=1), axis=0)
+            ties = tl.sum(tl.sum(eq_lo + eq_hi, axis=0), axis=0)
             if ties > budget:
                 if budget == 0:
                     cut = 2 * w0 - 1  # every half of the chunk needs > t
@@ -491,11 +502,14 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     if maxnreg is not None and not 24 <= maxnreg <= 255:
         raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread")
     num_warps = num_warps or default_warps
-    vec = max(1, chunk // (32 * num_warps))  # a thread's contiguous words in a chunk
+    vec = max(1, chunk // (32 * num_warps))  # a lane's contiguous words in a chunk
+    # 16-byte loads where each lane's words are whole aligned vectors.
+    aligned = vec % 4 == 0 and n_pairs % vec == 0 and words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
-        words, out, n_pairs, k, words.stride(0), out.stride(0),
+        words, out, n_pairs, k, words.stride(0) // 4 if aligned else words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
-        ASM=packed_compare_in_asm(words.device), ROWS=chunk // vec, VEC=vec, num_warps=num_warps,
+        ASM=packed_compare_in_asm(words.device), LANES=chunk // vec, VEC=vec, num_warps=num_warps,
+        ALIGNED=vec % 4 == 0 and n_pairs % 4 == 0 and words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0,
         **({} if interpreting() or maxnreg is None else {"maxnreg": maxnreg}))
 
 
