@@ -121,11 +121,12 @@ def test_bf16_word_kernel_keeps_the_first_equal_channels_like_the_float_kernel(i
     assert torch.equal(packed.sort(dim=1).values, stable.sort(dim=1).values)
 
 
-@pytest.mark.parametrize("width,k", [(38, 5), (70, 70), (530, 100), (2736, 512)])
+@pytest.mark.parametrize("width,k", [(38, 5), (70, 70), (530, 100), (1000, 100), (2736, 512)])
 @pytest.mark.parametrize("chunk", [4, 32, 256])
 def test_bf16_word_kernel_places_in_chunks_whatever_their_width(interpret, width, k, chunk):
     """Placement a few words at a time (the slot offset carried from chunk to chunk, a ragged
-    last chunk, one chunk wider than the row): the same indices, in the same slots, as a stable
+    last chunk, one chunk wider than the row, 16-byte lanes for 2736 and a lane cut by the row's
+    end for 1000 at 256): the same indices, in the same slots, as a stable
     sort would pick, ties included."""
     scores = random_scores(6, width, torch.bfloat16, ties=True)
     scores[2] = torch.randn(width).bfloat16()  # one row without ties

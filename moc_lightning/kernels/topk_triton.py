@@ -262,6 +262,28 @@ def _pair_threshold(p_a, p_b, k, HAS_B: tl.constexpr, ASM: tl.constexpr):
     return _key_bits(thr), _key_bits(tl.minimum(thr + 1, 0xFFFF)), above, at_or_above
 
 
+def _store_where(ptr, value, flag, ASM: tl.constexpr):
+    """ptr[...] = value where flag != 0. On sm_90 as inline PTX, an element-wise op that keeps the
+    layout its operands have: Triton 3.6 gives tl.store's scattered pointers a layout of its own
+    and moves pointers and masks into it through shared memory (SASS: about 40 instructions a
+    chunk)."""
+    if ASM:
+        if value.dtype.primitive_bitwidth == 16:
+            asm: tl.constexpr = "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b16 [$1], $3; mov.b32 $0, 0; }"
+            tl.inline_asm_elementwise(asm, "=r,l,r,h", [ptr.to(tl.int64, bitcast=True), flag, value],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        elif value.dtype.primitive_bitwidth == 32:
+            asm: tl.constexpr = "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b32 [$1], $3; mov.b32 $0, 0; }"
+            tl.inline_asm_elementwise(asm, "=r,l,r,r", [ptr.to(tl.int64, bitcast=True), flag, value],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            asm: tl.constexpr = "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b64 [$1], $3; mov.b32 $0, 0; }"
+            tl.inline_asm_elementwise(asm, "=r,l,r,l", [ptr.to(tl.int64, bitcast=True), flag, value],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptr, value, mask=flag != 0)
+
+
 def _pair_row_threshold(base, n_pairs, k, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr,
                         ASM: tl.constexpr):
     """`_pair_threshold` of the row at `base` (n_pairs words), loaded into registers."""
@@ -350,8 +372,8 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
         keep_hi = (ge >> 16) & v
         slot, kept = _scan_2d(keep_lo + keep_hi)
         slot += offset
-        tl.store(out + slot, (2 * w).to(idx_ty), mask=keep_lo != 0)
-        tl.store(out + slot + keep_lo, (2 * w + 1).to(idx_ty), mask=keep_hi != 0)
+        _store_where(out + slot, (2 * w).to(idx_ty), keep_lo, ASM)
+        _store_where(out + slot + keep_lo, (2 * w + 1).to(idx_ty), keep_hi, ASM)
         offset += kept
 
 
@@ -390,7 +412,7 @@ def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 # The plain functions the kernels call: `_kernel` rebinds these names to JIT-compiled versions.
 _HELPERS = {f.__name__: f for f in (_pair_ge, _pair_eq, _pair_nan_to_neg_inf, _pair_halves, _key_bits,
-                                    _pair_threshold, _pair_row_threshold, _scan_2d, _pair_chunk_cut)}
+                                    _pair_threshold, _pair_row_threshold, _scan_2d, _pair_chunk_cut, _store_where)}
 
 
 def _import_triton() -> None:
@@ -509,7 +531,7 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
         words, out, n_pairs, k, words.stride(0) // 4 if aligned else words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
         ASM=packed_compare_in_asm(words.device), LANES=chunk // vec, VEC=vec, num_warps=num_warps,
-        ALIGNED=vec % 4 == 0 and n_pairs % 4 == 0 and words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0,
+        ALIGNED=aligned,
         **({} if interpreting() or maxnreg is None else {"maxnreg": maxnreg}))
 
 
