@@ -45,11 +45,11 @@ MAX_BLOCK = 32768
 # Groups with at most this many picks use the argmax-rounds kernel; more use the radix select.
 MAX_ARGMAX_ROUNDS = 8
 # Words of a bf16 row placed at a time (see `_bf16_pair_topk`): the fastest on an H200 of 64 to
-# 512, with and without the register cap below.
+# 512 (stop 13, H200: 0.177 ms at 128 against 0.230 at 64, 0.187 at 256 and 0.242 at 512).
 PLACE_CHUNK = 128
-# Registers per thread the word kernel may use. Uncapped, Triton 3.6 gives it 168, so 12 one-warp
-# rows share an SM and ncu finds no warp ready 42% of the time; 96 lets 21 run: 0.265 ms against
-# 0.291 ms on an H200 (80: 0.281, 128: 0.278; bench.topk --tune).
+# Registers per thread the word kernel may use. Stop 12's kernel took 168 uncapped (12 one-warp
+# rows an SM, no warp ready 42% of the time) and ran best at 96. Today's needs 60 and the cap no
+# longer binds: 64 to 128 time within 0.5%, and 255 (no cap) 6% slower (bench.topk --tune).
 PAIR_MAXNREG = 96
 
 
@@ -175,17 +175,21 @@ def _segment_topk(bits_ptr, out_ptr, n_segments, segs_per_row, seg_width, k,
 # --- bf16 rows, two keys per 32-bit word ----------------------------------------------------
 # A bf16 row is read as int32 words holding two adjacent channels (the even one in the low half).
 # On sm_90 one `set.ge.u32.bf16x2` compares both halves of a word against the candidate and one
-# add counts them (and REDUX sums a warp), so the 16-round threshold search costs about as much
-# as reading the row (0.107 ms for the load and search on the 32768 x 2736 benchmark, against
-# 0.071 ms for the load alone). The kernel issues instructions more than it moves bytes (ncu: SM
-# 78% busy, DRAM 10%), so the placement is kept to one compare a word: the search also yields
-# #(x > t) and #(x >= t), so where every value equal to t is kept the kept halves are those >= t;
-# otherwise one scan over the register-held row finds the channel of the last tie kept, and words
-# before it keep halves >= t, words after it halves > t (>= the next bf16 value up), the word
-# holding it one of each. The row is placed a chunk of words at a time, read again from cache (the
-# whole row at once held 255 registers), and the registers are capped (PAIR_MAXNREG) so that more
-# rows share an SM. Elsewhere (the CPU interpreter, older GPUs) the same words are compared as
-# two float32 values: same results.
+# add counts them (and REDUX sums a warp): the 16-round threshold search is about 1,570 warp
+# instructions a row. The kernel issues instructions more than it moves bytes (ncu on an H200: SM
+# 83% busy, DRAM 14%), so the placement is kept to one compare a word:
+# - the search also yields #(x > t) and #(x >= t); where every value equal to t is kept, the kept
+#   halves are those >= t; otherwise each chunk counts its ties against those still to keep, and
+#   the chunk where they run out finds the last one kept (the cut) by a scan: halves before it
+#   keep >= t, after it > t (>= the next bf16 value up);
+# - a chunk is laid out (a lane's contiguous words, lanes), read with 16-byte loads where rows
+#   align, so its slots take one warp scan, and the 2-byte index stores are inline PTX (see
+#   `_store_where`).
+# The row is placed a chunk at a time, read again from cache (the whole row at once held 255
+# registers), under a register cap (PAIR_MAXNREG) so that many rows share an SM. From stop 12's
+# kernel (0.258 ms at 32768 x 2736, K 512, int16 indices, H200) to this one (0.169 ms): 5,100 ->
+# 3,500 warp instructions a row (BENCHMARKS.md, stop 13). Elsewhere (the CPU interpreter, older
+# GPUs) the same words are compared as two float32 values: same results.
 
 def _pair_ge(p, c, ASM: tl.constexpr):
     """0xFFFF in each 16-bit half of the result where that half of `p` is >= the bf16 value in
