@@ -103,9 +103,8 @@ def _compact_outputs(rows: int, kept: int, like: torch.Tensor, index_dtype: Opti
 
 
 def _ordered_meta(block_r: int, block_f: int) -> dict:
-    """The ordered backward's tile: BLOCK_R rows of BLOCK_F columns, a power of two up to 64 (a
-    tile's kept columns are one int64 bitmask)."""
-    return {"BLOCK_R": block_r, "BLOCK_F": block_f}
+    """The ordered backward's tile (BLOCK_F a power of two) and its binary search's LOG_F rounds."""
+    return {"BLOCK_R": block_r, "BLOCK_F": block_f, "LOG_F": block_f.bit_length() - 1}
 
 
 if TRITON_AVAILABLE:
@@ -187,52 +186,46 @@ if TRITON_AVAILABLE:
     # keeps that order in the compact tensors. Then the kept channels of a column tile
     # [f0, f0 + BLOCK_F) are one contiguous run of compact slots, starting where the previous
     # tile's run ended, and a window of BLOCK_F slots from there holds the whole run (a tile
-    # cannot keep more than BLOCK_F channels). The window's channels, summed as bits, are the
-    # tile's kept columns as one int64 mask; a column's slot is the run's start plus the count of
-    # mask bits below it (a popc), so G' and U' are read straight from their compact rows and the
-    # backward writes [Z' | grad_G' | grad_U'] as whole coalesced tiles, with no zero pass and no
-    # scattered 2-byte stores. Finding the slot by a binary search in the window instead (six
-    # gathers a tile) issued 9,100 warp instructions a row, ALU-bound at 0.38 ms on an H200 at
-    # 350M shapes (against 0.61 ms for the scatter kernel). The same search in the forward timed
-    # slower than the scatter forward (0.61 against 0.22 ms), and a histogram of the window
-    # slower still (0.53-1.4 ms), so neither is kept.
+    # cannot keep more than BLOCK_F channels). A binary search in the window finds each column's
+    # slot, so the backward reads grad_Z and writes [Z' | grad_G' | grad_U'] as whole coalesced
+    # tiles, with no zero pass and no scattered 2-byte stores (0.38 ms against 0.61 ms for the
+    # scatter kernel on an H200 at 350M shapes). The same search in the forward timed slower than
+    # the scatter forward (0.61 against 0.22 ms), and a histogram of the window instead of the
+    # search slower still (0.53-1.4 ms), so neither is kept.
 
     @triton.jit
-    def _popc64(x, ASM: tl.constexpr):
-        """Set bits of each int64, as int32 (sm_90: one popc; elsewhere a SWAR count, whose
-        arithmetic shifts are harmless: every mask clears the bits they smear)."""
-        if ASM:
-            return tl.inline_asm_elementwise("popc.b64 $0, $1;", "=r,l", [x], dtype=tl.int32, is_pure=True,
-                                             pack=1)
-        x = x - ((x >> 1) & 0x5555555555555555)
-        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
-        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
-        return ((x * 0x0101010101010101) >> 56).to(tl.int32)
+    def _find_in_window(ch, cols, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, LOG_F: tl.constexpr):
+        """For a window `ch` (BLOCK_R x BLOCK_F channels, ascending per row; entries past the
+        tile or past the row's kept count above every column) and the tile's columns: the window
+        position of each column's channel (a branchless lower bound, LOG_F gathers) and whether
+        the column is kept."""
+        cols2 = cols + tl.zeros([BLOCK_R, BLOCK_F], tl.int32)
+        pos = tl.zeros([BLOCK_R, BLOCK_F], tl.int32)
+        for i in tl.static_range(LOG_F):
+            probe = tl.gather(ch, pos + ((BLOCK_F >> (i + 1)) - 1), axis=1)
+            pos = tl.where(probe < cols2, pos + (BLOCK_F >> (i + 1)), pos)
+        return pos, tl.gather(ch, pos, axis=1) == cols2
 
     @triton.jit
     def _ordered_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, kept, s_gz, s_c, s_buf,
                                  STORED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-                                 ASM: tl.constexpr):
+                                 LOG_F: tl.constexpr):
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         lane = tl.arange(0, BLOCK_F)[None, :]
-        below = (tl.full([1, BLOCK_F], 1, tl.int64) << lane.to(tl.int64)) - 1  # bits under each column
         start = tl.zeros([BLOCK_R], tl.int32)  # each row's first slot past the tiles done
         for f0 in range(0, width, BLOCK_F):
             cols = f0 + lane
             slots = start[:, None] + lane
             win = row_ok[:, None] & (slots < kept)
-            # Slots past the row's run read as channels past the tile (no bit).
-            d = tl.load(IX + r * s_c + slots, mask=win, other=width + BLOCK_F).to(tl.int32) - f0
-            bit = tl.where(d < BLOCK_F, tl.full([BLOCK_R, BLOCK_F], 1, tl.int64) << d.to(tl.int64), 0)
-            mask = tl.sum(bit, axis=1)[:, None]  # distinct bits: the sum is their OR
-            keep = row_ok[:, None] & (((mask >> lane.to(tl.int64)) & 1) == 1)
-            at = r * s_c + start[:, None] + _popc64(mask & below, ASM)
-            g = tl.load(GS + at, mask=keep, other=0.0).to(tl.float32)
-            u = tl.load(US + at, mask=keep, other=0.0).to(tl.float32)
+            compact = r * s_c + slots
+            ch = tl.load(IX + compact, mask=win, other=width + BLOCK_F).to(tl.int32)
+            pos, keep = _find_in_window(ch, cols, BLOCK_R, BLOCK_F, LOG_F)
+            g = tl.gather(tl.load(GS + compact, mask=win, other=0.0).to(tl.float32), pos, axis=1)
+            u = tl.gather(tl.load(US + compact, mask=win, other=0.0).to(tl.float32), pos, axis=1)
             _, s, ds = _silu_parts(g)
             if STORED:
-                s = tl.load(SS + at, mask=keep, other=0.0).to(tl.float32)
-                z = tl.load(ZS + at, mask=keep, other=0.0)
+                s = tl.gather(tl.load(SS + compact, mask=win, other=0.0).to(tl.float32), pos, axis=1)
+                z = tl.gather(tl.load(ZS + compact, mask=win, other=0.0), pos, axis=1)
             else:
                 z = (s * u).to(BUF.dtype.element_ty)
             ok = row_ok[:, None] & (cols < width)
@@ -241,7 +234,7 @@ if TRITON_AVAILABLE:
             tl.store(out, tl.where(keep, z, 0.0).to(BUF.dtype.element_ty), mask=ok)
             tl.store(out + width, tl.where(keep, u * gz * ds, 0.0).to(BUF.dtype.element_ty), mask=ok)
             tl.store(out + 2 * width, tl.where(keep, s * gz, 0.0).to(BUF.dtype.element_ty), mask=ok)
-            start += tl.reshape(_popc64(mask, ASM), [BLOCK_R])
+            start += tl.sum((ch < f0 + BLOCK_F).to(tl.int32), axis=1)
 
     # --- a:b groups: selection inside the kernel, dense tiles written whole ----------------------
 
@@ -352,11 +345,10 @@ if TRITON_AVAILABLE:
         triton.Config({"BLOCK_R": r, "GROUPS": g}, num_warps=w)
         for r, g, w in ((8, 32, 4), (16, 32, 8), (32, 16, 8), (4, 64, 4), (16, 64, 8), (8, 16, 2))
     ]
-    # 32- and 64-channel tiles of 1-4 rows. With one warp the row sums stay in the warp; with more,
-    # Triton 3.6 splits the columns over the warps and the sums go through shared memory (SASS).
+    # 64-channel tiles of 1-4 rows; the fastest timed on an H200 were 2 rows and 2 warps.
     _ORDERED_CONFIGS = [
         triton.Config(_ordered_meta(r, f), num_warps=w)
-        for r, f, w in ((2, 64, 1), (2, 32, 1), (1, 64, 1), (4, 64, 1), (2, 64, 2), (4, 64, 4))
+        for r, f, w in ((2, 64, 2), (1, 64, 1), (2, 64, 1), (1, 64, 2), (4, 64, 4), (2, 32, 1))
     ]
     _ordered_backward_tuned = _tuned(_ordered_backward_kernel, _ORDERED_CONFIGS, ["width", "kept", "STORED"])
     _scatter_forward_tuned = _tuned(_scatter_forward_kernel, _ELEMENTWISE_CONFIGS,
@@ -444,8 +436,7 @@ def _backward_buffer(grad_z: torch.Tensor) -> torch.Tensor:
     return torch.empty(grad_z.shape[0], 3 * grad_z.shape[1], dtype=grad_z.dtype, device=grad_z.device)
 
 
-def _row_block_backward(tuned, kernel, interpret_meta, grad_z, idx, g_sel, u_sel, s_sel, z_sel,
-                        **constexprs) -> torch.Tensor:
+def _row_block_backward(tuned, kernel, interpret_meta, grad_z, idx, g_sel, u_sel, s_sel, z_sel) -> torch.Tensor:
     """Launch one of the two row-block backward kernels (same arguments) into a new buffer;
     the caller has checked that triton runs on grad_z's device."""
     _check_rows(grad_z, idx, g_sel, u_sel)
@@ -455,7 +446,7 @@ def _row_block_backward(tuned, kernel, interpret_meta, grad_z, idx, g_sel, u_sel
     dummy = g_sel.new_empty(1)
     _launch(tuned, kernel, interpret_meta, _rows_grid(rows), grad_z, idx, g_sel, u_sel,
             s_sel if stored else dummy, z_sel if stored else dummy, buf, rows, width, idx.shape[1],
-            grad_z.stride(0), idx.stride(0), buf.stride(0), STORED=stored, **constexprs)
+            grad_z.stride(0), idx.stride(0), buf.stride(0), STORED=stored)
     return buf
 
 
@@ -475,8 +466,7 @@ def ordered_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tenso
     contiguously. Indices out of order give wrong results."""
     require(grad_z.device)
     return _row_block_backward(_ordered_backward_tuned, _ordered_backward_kernel, _INTERPRET_ORDERED,
-                               grad_z, idx, g_sel, u_sel, s_sel, z_sel,
-                               ASM=grad_z.device.type == "cuda" and not interpreting())
+                               grad_z, idx, g_sel, u_sel, s_sel, z_sel)
 
 
 def group_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tensor, u_sel: torch.Tensor,
