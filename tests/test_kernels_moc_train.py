@@ -229,6 +229,20 @@ def test_ordered_backward_equals_scatter_backward_and_the_formulas(rows, width, 
                                    rtol=1e-5, atol=1e-6)  # float32 kernel against float64
 
 
+@pytest.mark.parametrize("width,kept,clustered", [(130, 70, True), (200, 90, False), (64, 64, False)])
+def test_ordered_backward_with_64_column_tiles(monkeypatch, width, kept, clustered):
+    """The GPU's tile width (the other tests use the interpreter's 16): full 64-channel windows
+    (the first 64 of 70 clustered channels, every channel of 64) and runs across tiles."""
+    monkeypatch.setattr(moc_train, "_INTERPRET_ORDERED", moc_train._ordered_meta(2, 64))
+    torch.manual_seed(3)
+    rows = 5
+    g, u, grad_z = torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, width)
+    pack = moc_train.scatter_forward(g, u, _ascending_indices(rows, width, kept, clustered), torch.int16,
+                                     store_sz=False)
+    buf = moc_train.ordered_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel)
+    assert torch.equal(buf, moc_train.scatter_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel))
+
+
 def test_triton_row_topk_sends_backward_through_the_ordered_kernel(monkeypatch):
     calls = []
     ordered = moc_train.ordered_backward
