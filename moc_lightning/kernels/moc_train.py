@@ -302,47 +302,38 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _group_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, n_groups, kept, s_gz, s_c, s_buf,
-                               A: tl.constexpr, A_P2: tl.constexpr, B: tl.constexpr, STORED: tl.constexpr,
+                               A: tl.constexpr, B: tl.constexpr, STORED: tl.constexpr,
                                BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
-        """Compact slots [j*A, j*A + A) belong to group j: each dense tile is written once, whole.
-        The compact tensors are read as (rows, groups, A) tiles and grad_Z as a dense tile, each
-        once and contiguous, and the picks taken from them in registers (loading each pick's
-        grad_Z at its channel made two 2-byte gathers a group and round)."""
+        """Compact slots [j*A, j*A + A) belong to group j: each dense tile is written once, whole."""
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
-        r3 = r[:, :, None]
         groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
         ch3 = groups[None, :, None] * B + tl.arange(0, B)[None, None, :]
-        valid3 = row_ok[:, None, None] & (ch3 < width)
-        slot3 = tl.arange(0, A_P2)[None, None, :]
-        slots3 = groups[None, :, None] * A + slot3
-        ok3 = row_ok[:, None, None] & (slot3 < A) & (slots3 < kept) & (groups < n_groups)[None, :, None]
-        compact3 = r3 * s_c + slots3
-        ch_t = tl.load(IX + compact3, mask=ok3, other=-1).to(tl.int32)  # -1: an empty slot
-        g_t = tl.load(GS + compact3, mask=ok3, other=0.0).to(tl.float32)
-        u_t = tl.load(US + compact3, mask=ok3, other=0.0).to(tl.float32)
-        _, s_t, ds_t = _silu_parts(g_t)
-        if STORED:
-            s_t = tl.load(SS + compact3, mask=ok3, other=0.0).to(tl.float32)
-            z_t = tl.load(ZS + compact3, mask=ok3, other=0.0).to(tl.float32)
-        else:
-            z_t = (s_t * u_t).to(BUF.dtype.element_ty).to(tl.float32)
-        gz3 = tl.load(GZ + r3 * s_gz + ch3, mask=valid3, other=0.0).to(tl.float32)
         z3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         gg3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         gu3 = tl.zeros([BLOCK_R, GROUPS, B], tl.float32)
         for t in tl.static_range(A):
-            at = slot3 == t
-            ch = tl.sum(tl.where(at, ch_t, 0), axis=2)
+            slots = groups[None, :] * A + t
+            ok = row_ok[:, None] & (slots < kept) & (groups < n_groups)[None, :]
+            compact = r * s_c + slots
+            ch = tl.load(IX + compact, mask=ok, other=-1).to(tl.int32)
+            g = tl.load(GS + compact, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(US + compact, mask=ok, other=0.0).to(tl.float32)
+            _, s, ds = _silu_parts(g)
+            if STORED:
+                s = tl.load(SS + compact, mask=ok, other=0.0).to(tl.float32)
+                z = tl.load(ZS + compact, mask=ok, other=0.0).to(tl.float32)
+            else:
+                z = (s * u).to(BUF.dtype.element_ty).to(tl.float32)
+            gz = tl.load(GZ + r * s_gz + tl.maximum(ch, 0), mask=ok, other=0.0).to(tl.float32)
             hit = ch3 == ch[:, :, None]  # ch is -1 where the slot is empty: no hit
-            gz = tl.sum(tl.where(hit, gz3, 0.0), axis=2)
-            s = tl.sum(tl.where(at, s_t, 0.0), axis=2)
-            z3 = tl.where(hit, tl.sum(tl.where(at, z_t, 0.0), axis=2)[:, :, None], z3)
-            gg3 = tl.where(hit, (tl.sum(tl.where(at, u_t * ds_t, 0.0), axis=2) * gz)[:, :, None], gg3)
+            z3 = tl.where(hit, z[:, :, None], z3)
+            gg3 = tl.where(hit, (u * gz * ds)[:, :, None], gg3)
             gu3 = tl.where(hit, (s * gz)[:, :, None], gu3)
-        out = BUF + r3 * s_buf + ch3
-        tl.store(out, z3.to(BUF.dtype.element_ty), mask=valid3)
-        tl.store(out + width, gg3.to(BUF.dtype.element_ty), mask=valid3)
-        tl.store(out + 2 * width, gu3.to(BUF.dtype.element_ty), mask=valid3)
+        out = BUF + r[:, :, None] * s_buf + ch3
+        ok3 = row_ok[:, None, None] & (ch3 < width)
+        tl.store(out, z3.to(BUF.dtype.element_ty), mask=ok3)
+        tl.store(out + width, gg3.to(BUF.dtype.element_ty), mask=ok3)
+        tl.store(out + 2 * width, gu3.to(BUF.dtype.element_ty), mask=ok3)
 
     def _tuned(kernel, configs, key):
         return triton.autotune(configs=configs, key=key)(kernel)
@@ -496,5 +487,5 @@ def group_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tensor,
     _launch(_group_backward_tuned, _group_backward_kernel, _INTERPRET_GROUP,
             _group_grid(rows, n_groups), grad_z, idx, g_sel, u_sel, s_sel if stored else dummy,
             z_sel if stored else dummy, buf, rows, width, n_groups, kept, grad_z.stride(0), idx.stride(0),
-            buf.stride(0), A=a, A_P2=triton.next_power_of_2(a), B=b, STORED=stored)
+            buf.stride(0), A=a, B=b, STORED=stored)
     return buf
