@@ -26,7 +26,9 @@ from moc_lightning.kernels import raft_select_k, topk_triton
 
 BENCH = "topk"
 # (rows, width, k) of the row checks: widths off the power-of-two blocks, k at both ends.
-ROW_CHECKS = [(4096, 2736, 512), (1000, 1000, 100), (513, 5461, 1024), (300, 37, 37), (257, 2736, 1), (64, 70000, 9)]
+# 2736 and 1000 take the bf16 word kernel's 16-byte loads, 2740 its unaligned path, 5461 (odd) the float kernel.
+ROW_CHECKS = [(4096, 2736, 512), (1000, 1000, 100), (1000, 2740, 512), (513, 5461, 1024), (300, 37, 37),
+              (257, 2736, 1), (64, 70000, 9)]
 # (rows, width, a, b) of the group checks: exact, ragged and non-power-of-two groups, many picks.
 GROUP_CHECKS = [(2048, 2736, 2, 8), (1000, 2740, 2, 8), (500, 1003, 3, 7), (300, 1000, 12, 16)]
 
@@ -176,9 +178,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     # `triton` takes two bf16 keys per word where it can; `triton_float_keys` is its float32
     # kernel on the same rows, timed beside it to show what the packed compares gain.
     # `triton_int16` writes the indices as MoC saves them (int16 up to 32768 channels; torch.topk
-    # can only write int64).
+    # can only write int64), `triton_int32` the third index type the kernels store.
     backends = {"triton": (topk_triton.row_topk, topk_triton.group_topk),
                 "triton_int16": (lambda s, k: topk_triton.row_topk(s, k, out_dtype=index_dtype(s.shape[1])),
+                                 topk_triton.group_topk),
+                "triton_int32": (lambda s, k: topk_triton.row_topk(s, k, out_dtype=torch.int32),
                                  topk_triton.group_topk),
                 "triton_float_keys": (lambda s, k: topk_triton.row_topk(s, k, packed=False), topk_triton.group_topk)}
     all_ok = run_checks(rec, backends)
