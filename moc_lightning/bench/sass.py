@@ -38,15 +38,14 @@ def _row_topk_source(chunk: int):
     from moc_lightning.kernels import topk_triton as tk
 
     tk._import_triton()
-    for name, helper in tk._HELPERS.items():  # the device functions the kernel calls, as JIT functions
-        tk.__dict__[name] = tk._jit(helper)
-    vec = max(1, chunk // 32)
+    lanes, vec = tk.chunk_layout(chunk, 1)
     signature = {"words_ptr": "*i32", "out_ptr": "*i16", "n_pairs": "i32", "k": "i32", "in_row_stride": "i32",
                  "out_row_stride": "i32", "BLOCK_A": "constexpr", "BLOCK_B": "constexpr", "HAS_B": "constexpr",
                  "ASM": "constexpr", "LANES": "constexpr", "VEC": "constexpr", "ALIGNED": "constexpr"}
-    constexprs = {"BLOCK_A": 1024, "BLOCK_B": 512, "HAS_B": True, "ASM": True, "LANES": chunk // vec, "VEC": vec,
+    constexprs = {"BLOCK_A": 1024, "BLOCK_B": 512, "HAS_B": True, "ASM": True, "LANES": lanes, "VEC": vec,
                   "ALIGNED": vec % 4 == 0}
-    return ASTSource(fn=tk._jit(tk._bf16_pair_topk), signature=signature, constexprs=constexprs,
+    # _kernel binds the device functions the kernel calls, as the launcher does.
+    return ASTSource(fn=tk._kernel(tk._bf16_pair_topk), signature=signature, constexprs=constexprs,
                      attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}), \
         {"num_warps": 1, "maxnreg": tk.PAIR_MAXNREG}
 

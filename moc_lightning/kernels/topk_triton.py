@@ -517,6 +517,13 @@ def packed_compare_in_asm(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def chunk_layout(chunk: int, num_warps: int) -> tuple[int, int]:
+    """(LANES, VEC) of the word kernel's placement chunk: VEC contiguous words in each of LANES
+    lanes."""
+    vec = max(1, chunk // (32 * num_warps))
+    return chunk // vec, vec
+
+
 def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Optional[int],
                   chunk: Optional[int], maxnreg: Optional[int]) -> None:
     n_pairs = words.shape[1]
@@ -528,13 +535,13 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     if maxnreg is not None and not 24 <= maxnreg <= 255:
         raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread")
     num_warps = num_warps or default_warps
-    vec = max(1, chunk // (32 * num_warps))  # a lane's contiguous words in a chunk
+    lanes, vec = chunk_layout(chunk, num_warps)
     # 16-byte loads where each lane's words are whole aligned vectors.
     aligned = vec % 4 == 0 and n_pairs % vec == 0 and words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
         words, out, n_pairs, k, words.stride(0) // 4 if aligned else words.stride(0), out.stride(0),
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
-        ASM=packed_compare_in_asm(words.device), LANES=chunk // vec, VEC=vec, num_warps=num_warps,
+        ASM=packed_compare_in_asm(words.device), LANES=lanes, VEC=vec, num_warps=num_warps,
         ALIGNED=aligned,
         **({} if interpreting() or maxnreg is None else {"maxnreg": maxnreg}))
 
