@@ -1,6 +1,7 @@
 """`moc_lightning.bench.sass`: the Triton kernels compiled to sm_90 SASS on the CPU. The row
 Top-K's placement must keep its layout (no shared-memory round trip: stop 13 found Triton 3.6
-inserting one around `tl.store`, about 40 instructions a chunk)."""
+inserting one around `tl.store`, about 40 instructions a chunk), and the bitmask kernels must
+read and write their dense tiles 16 bytes a thread."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from moc_lightning.bench.sass import opcode_counts
+from moc_lightning.bench.sass import opcode_counts, wide_accesses
 
 SASS_SNIPPET = """
         /*0a10*/                   HSET2.BF16_V2.GE.AND R5, R36, R4.reuse, PT ;   /* 0x... */
@@ -25,6 +26,15 @@ def test_opcode_counts_drop_predicates_and_modifiers():
     assert opcode_counts(SASS_SNIPPET) == {"HSET2": 2, "STG": 1, "BRA": 1, "REDUX": 1}
 
 
+def test_wide_accesses_count_16_byte_loads_and_stores_only():
+    sass = SASS_SNIPPET + """
+        /*0b00*/              @P1 LDG.E.128 R20, desc[UR12][R16.64] ;
+        /*0b10*/                  STG.E.128 desc[UR12][R18.64], R24 ;
+        /*0b20*/              @P2 LDG.E.64 R20, desc[UR12][R16.64] ;
+"""
+    assert wide_accesses(sass) == 2
+
+
 def _run_sass(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
     """The command in a fresh process: triton compiles for a GPU target only if it was not first
     imported under TRITON_INTERPRET=1, as the kernel tests of this process import it."""
@@ -35,15 +45,30 @@ def _run_sass(*args: str, interpret: bool = False) -> subprocess.CompletedProces
                           env=env, timeout=300)
 
 
-def test_row_topk_compiles_for_sm90_without_shared_memory_round_trips():
-    result = _run_sass("--kernel", "row_topk")
+def _records(*args: str) -> dict[tuple[str, str], dict]:
+    result = _run_sass(*args)
     assert result.returncode == 0, result.stderr[-2000:]
-    records = {r["name"]: r for r in map(json.loads, result.stdout.splitlines())}
-    assert records["sass_instructions"]["target"] == "sm_90"
-    assert records["sass_instructions"]["top"]["HSET2"] > 0  # the packed bf16x2 compares are in
-    assert records["sass_instructions"]["value"] > 100
-    shared = records["sass_shared_memory_ops"]
-    assert shared["value"] == 0, f"layout conversions through shared memory: {shared['ops']}"
+    return {(r["kernel"], r["name"]): r for r in map(json.loads, result.stdout.splitlines())}
+
+
+def test_row_topk_compiles_for_sm90_without_shared_memory_round_trips():
+    records = _records("--kernel", "row_topk", "--kernel", "row_topk_mask")
+    for kernel in ("row_topk", "row_topk_mask"):
+        code = records[kernel, "sass_instructions"]
+        assert code["target"] == "sm_90"
+        assert code["top"]["HSET2"] > 0  # the packed bf16x2 compares are in
+        assert code["value"] > 100
+        shared = records[kernel, "sass_shared_memory_ops"]
+        assert shared["value"] == 0, f"{kernel}: layout conversions through shared memory: {shared['ops']}"
+    # The mask needs no slots: no scan, fewer instructions than the index placement.
+    assert records["row_topk_mask", "sass_instructions"]["value"] < records["row_topk", "sass_instructions"]["value"]
+
+
+def test_mask_kernels_access_dense_tiles_16_bytes_a_thread():
+    records = _records("--kernel", "mask_forward", "--kernel", "mask_backward")
+    # Forward: G and U read, Z' written; backward: grad_Z read, [Z' | grad_G' | grad_U'] written.
+    assert records["mask_forward", "sass_16_byte_accesses"]["value"] >= 3
+    assert records["mask_backward", "sass_16_byte_accesses"]["value"] >= 4
 
 
 def test_sass_refuses_the_interpreter_in_one_line():

@@ -19,7 +19,7 @@ _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 import triton  # noqa: E402,F401  (these tests need triton; CI installs it with torch)
 
-from moc_lightning.kernels import moc_train  # noqa: E402
+from moc_lightning.kernels import moc_train, topk_triton  # noqa: E402
 
 if type(moc_train._scatter_forward_kernel).__name__ != "InterpretedFunction":
     moc_train = importlib.reload(moc_train)  # imported earlier without the switch
@@ -50,14 +50,22 @@ def run(cfg, x, grad_out, dtype=torch.float32):
     torch.manual_seed(1)
     ffn = build_ffn(cfg).to(dtype)
     xg = x.to(dtype).clone().requires_grad_(True)
-    indices = []
-    keep_indices = lambda t: (indices.append(t) if t.dtype in (torch.int16, torch.int32) else None) or t  # noqa: E731
-    with torch.autograd.graph.saved_tensors_hooks(keep_indices, lambda t: t):
+    saved = []
+    keep_kept = lambda t: (saved.append(t) if t.dtype in (torch.int16, torch.int32, torch.uint8) else None) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(keep_kept, lambda t: t):
         out = ffn(xg)
     out.backward(grad_out.to(dtype))
-    mask = torch.zeros(x.shape[0], cfg.d_ffn, dtype=torch.float64).scatter_(1, indices[0].long(), 1.0)
+    mask = saved_mask(saved[0], x.shape[0], cfg.d_ffn)
     grads = (xg.grad, ffn.gate_proj.weight.grad, ffn.up_proj.weight.grad, ffn.down_proj.weight.grad)
     return out.detach(), grads, mask, ffn
+
+
+def saved_mask(saved: torch.Tensor, rows: int, d_ffn: int) -> torch.Tensor:
+    """The 0/1 float64 mask (rows x d_ffn) of what MoC saved: kept channels' indices, or a
+    bitmask (uint8) of them."""
+    if saved.dtype == torch.uint8:
+        return topk_triton.mask_to_indices(saved, d_ffn).double()
+    return torch.zeros(rows, d_ffn, dtype=torch.float64).scatter_(1, saved.long(), 1.0)
 
 
 # (d_ffn, rows, k, group, topk_backend, recompute)
@@ -74,7 +82,7 @@ CASES = [
     (44, 24, None, "2:4", "auto", False),
     (44, 24, None, "3:7", "torch", True),  # b not a power of two: Top-K backend + scatter
     (70, 13, None, "2:8", "torch", False),  # explicit backend: gathered and scattered
-    # the triton row Top-K lists channels in ascending order: backward takes the ordered kernel
+    # the triton row Top-K writes a bitmask: the mask forward and backward, the mask saved
     (70, 13, 9, None, "triton", True),
     (70, 13, 20, None, "triton", False),
     (44, 24, 44, None, "triton", True),
@@ -101,7 +109,10 @@ def test_triton_path_matches_reference_and_torch_path(d_ffn, rows, k, group, bac
         assert rel_err(got, want) < 2e-6, f"gradient of {name}: {rel_err(got, want):.2e} from the reference"
         assert rel_err(got, torch_got) < 2e-6, f"gradient of {name}: {rel_err(got, torch_got):.2e} from the torch path"
     xs = x.clone().requires_grad_(True)
-    assert measure_saved_bytes(ffn, xs).total == measure_saved_bytes(torch_ffn, xs).total
+    expected = measure_saved_bytes(torch_ffn, xs).total
+    if backend == "triton":  # a bitmask of whole int32 words a row in place of int16 indices
+        expected += rows * (4 * -(-d_ffn // 32) - 2 * cfg.k)
+    assert measure_saved_bytes(ffn, xs).total == expected
 
 
 @pytest.mark.parametrize("placement", ["pre_silu", "post_silu"])
@@ -204,55 +215,75 @@ def _ascending_indices(rows, width, kept, clustered=False):
 
 @pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("rows,width,kept,clustered", [
-    (11, 70, 9, False),   # width not a multiple of the 16-channel interpreter tile
+    (11, 70, 9, False),   # width not a multiple of the 32-channel mask word
     (5, 37, 37, False),   # every channel kept
     (6, 40, 1, False),
     (9, 100, 30, False),
-    (4, 70, 40, True),    # 16 kept in each of the first tiles, then 8, then none
+    (4, 70, 40, True),    # every word of the first two full, then 8 kept, then none
     (3, 33, 17, True),
 ])
-def test_ordered_backward_equals_scatter_backward_and_the_formulas(rows, width, kept, clustered, stored):
+def test_mask_kernels_equal_the_scatter_kernels_and_the_formulas(rows, width, kept, clustered, stored):
+    """The bitmask forward and backward against the scatter kernels on the same (ascending)
+    channels, bit for bit, and the backward against equations 7b-7c in float64."""
     torch.manual_seed(7)
     g, u, grad_z = torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, width)
     idx = _ascending_indices(rows, width, kept, clustered)
-    pack = moc_train.scatter_forward(g, u, idx, torch.int16, store_sz=stored)
-    assert torch.equal(pack.idx.long(), idx)  # the forward keeps the indices' order
+    mask = topk_triton.mask_from_indices(idx, width)
+    want = moc_train.scatter_forward(g, u, idx, torch.int16, store_sz=stored)
+    pack = moc_train.mask_forward(g, u, mask, kept, store_sz=stored)
+    assert pack.idx is mask  # the mask is what backward saves
+    for name in ("z_dense", "g_sel", "u_sel") + (("s_sel", "z_sel") if stored else ()):
+        assert torch.equal(getattr(pack, name), getattr(want, name)), name
+    if not stored:
+        assert pack.s_sel is None and pack.z_sel is None
     extra = (pack.s_sel, pack.z_sel) if stored else ()
-    buf = moc_train.ordered_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel, *extra)
+    buf = moc_train.mask_backward(grad_z, mask, pack.g_sel, pack.u_sel, *extra)
     assert buf.shape == (rows, 3 * width)
-    assert torch.equal(buf, moc_train.scatter_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel, *extra))
+    assert torch.equal(buf, moc_train.scatter_backward(grad_z, want.idx, want.g_sel, want.u_sel, *extra))
     g_sel, gz = g.gather(1, idx).double(), grad_z.gather(1, idx).double()
     s_sel, u_sel = F.silu(g_sel), u.gather(1, idx).double()
     dsilu = torch.sigmoid(g_sel) * (1 + g_sel * (1 - torch.sigmoid(g_sel)))
-    for part, want in enumerate((s_sel * u_sel, u_sel * gz * dsilu, s_sel * gz)):
-        torch.testing.assert_close(buf[:, part * width:(part + 1) * width].double(), densify(idx, want, width),
+    for part, want_part in enumerate((s_sel * u_sel, u_sel * gz * dsilu, s_sel * gz)):
+        torch.testing.assert_close(buf[:, part * width:(part + 1) * width].double(), densify(idx, want_part, width),
                                    rtol=1e-5, atol=1e-6)  # float32 kernel against float64
 
 
-@pytest.mark.parametrize("width,kept,clustered", [(130, 70, True), (200, 90, False), (64, 64, False)])
-def test_ordered_backward_with_64_column_tiles(monkeypatch, width, kept, clustered):
-    """The GPU's tile width (the other tests use the interpreter's 16): full 64-channel windows
-    (the first 64 of 70 clustered channels, every channel of 64) and runs across tiles."""
-    monkeypatch.setattr(moc_train, "_INTERPRET_ORDERED", moc_train._ordered_meta(2, 64))
+@pytest.mark.parametrize("width,kept,clustered", [(300, 200, True), (600, 90, False), (256, 256, False)])
+def test_mask_kernels_with_the_gpus_tiles(monkeypatch, width, kept, clustered):
+    """The GPU's tiles (the other tests use the interpreter's one word of 4 rows): 2 rows of 8
+    words, so a tile's slots run across words and rows start at different slots."""
+    monkeypatch.setattr(moc_train, "_INTERPRET_MASK", {"BLOCK_R": 2, "WORDS": 8})
     torch.manual_seed(3)
     rows = 5
     g, u, grad_z = torch.randn(rows, width), torch.randn(rows, width), torch.randn(rows, width)
-    pack = moc_train.scatter_forward(g, u, _ascending_indices(rows, width, kept, clustered), torch.int16,
-                                     store_sz=False)
-    buf = moc_train.ordered_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel)
-    assert torch.equal(buf, moc_train.scatter_backward(grad_z, pack.idx, pack.g_sel, pack.u_sel))
+    idx = _ascending_indices(rows, width, kept, clustered)
+    mask = topk_triton.mask_from_indices(idx, width)
+    want = moc_train.scatter_forward(g, u, idx, torch.int16, store_sz=False)
+    pack = moc_train.mask_forward(g, u, mask, kept, store_sz=False)
+    assert torch.equal(pack.z_dense, want.z_dense) and torch.equal(pack.g_sel, want.g_sel)
+    buf = moc_train.mask_backward(grad_z, mask, pack.g_sel, pack.u_sel)
+    assert torch.equal(buf, moc_train.scatter_backward(grad_z, want.idx, want.g_sel, want.u_sel))
 
 
-def test_triton_row_topk_sends_backward_through_the_ordered_kernel(monkeypatch):
+def test_mask_kernels_refuse_a_mask_of_the_wrong_shape():
+    g = torch.randn(4, 70)
+    with pytest.raises(ValueError, match=r"uint8 bitmask of shape \(4, 12\)"):
+        moc_train.mask_forward(g, g, torch.zeros(4, 10, dtype=torch.uint8), 5, False)
+    with pytest.raises(ValueError, match="uint8 bitmask"):
+        moc_train.mask_backward(g, torch.zeros(4, 12, dtype=torch.int32), g[:, :5], g[:, :5])
+
+
+def test_triton_row_topk_sends_the_ffn_through_the_mask_kernels(monkeypatch):
     calls = []
-    ordered = moc_train.ordered_backward
-    monkeypatch.setattr(moc_train, "ordered_backward", lambda *a, **kw: calls.append(1) or ordered(*a, **kw))
+    for name in ("mask_forward", "mask_backward"):
+        kernel = getattr(moc_train, name)
+        monkeypatch.setattr(moc_train, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     x = torch.randn(13, 16, requires_grad=True)
-    for backend, expected in (("torch", 0), ("triton", 1)):
+    for backend, expected in (("torch", []), ("triton", ["mask_forward", "mask_backward"])):
         calls.clear()
         cfg = FFNConfig(kind="moc", d_model=16, d_ffn=70, k=9, topk_backend=backend, moc_kernel="triton")
         build_ffn(cfg)(x).sum().backward()
-        assert len(calls) == expected, backend
+        assert calls == expected, backend
 
 
 @pytest.mark.parametrize("post_silu", [False, True])

@@ -54,7 +54,7 @@ def assert_row_topk(scores: torch.Tensor, idx: torch.Tensor, k: int, dtype: torc
     assert int(idx.min()) >= 0 and int(idx.max()) < width
     for row in idx.tolist():
         assert len(set(row)) == k, "indices must be distinct"
-    # MoC's ordered backward kernel relies on this order (see moc_train.ordered_backward).
+    # The documented order: MoC's compact tensors list the kept channels the same way.
     assert bool((idx.diff(dim=1) > 0).all()), "each row's indices must ascend"
     got = scores.gather(1, idx).double().sort(dim=1).values
     want = torch.topk(scores.double(), k, dim=1).values.sort(dim=1).values
@@ -196,11 +196,57 @@ def test_rows_wider_than_one_program_go_to_torch_topk_in_ascending_order(interpr
     assert_row_topk(scores, topk_triton.row_topk(scores, 40), 40)
 
 
-def test_only_the_triton_backend_promises_ascending_rows(interpret):
-    from moc_lightning.ffn.topk import row_indices_ascending
+def test_only_the_triton_backend_writes_masks_itself(interpret):
+    from moc_lightning.ffn.topk import row_mask_native
 
-    assert row_indices_ascending("triton", torch.device("cpu"))
-    assert not row_indices_ascending("torch", torch.device("cpu"))
+    assert row_mask_native("triton", torch.device("cpu"))
+    assert not row_mask_native("torch", torch.device("cpu"))
+
+
+def stable_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 (bool) of the k best of each row, the lowest channels first among equal scores (NaN
+    ranks as -inf)."""
+    order = torch.argsort(scores.double().nan_to_num(nan=float("-inf")), dim=1, descending=True, stable=True)[:, :k]
+    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, True)
+
+
+@pytest.mark.parametrize("width,k", [(38, 5), (64, 7), (70, 70), (530, 100), (1000, 100), (2736, 512), (2740, 300)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_topk_mask_keeps_a_stable_sorts_channels(interpret, width, k, ties):
+    """The word kernel writing a bitmask (one byte a lane): whole int32 words a row, bits past the
+    row zero, exactly the channels of a stable sort (ties included), as mask_from_indices packs
+    row_topk's indices; 2740 is an even width whose rows do not align to 16 bytes."""
+    scores = random_scores(5, width, torch.bfloat16, ties)
+    scores[1, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, 0.0])
+    mask = topk_triton.row_topk_mask(scores, k)
+    assert mask.dtype == torch.uint8 and mask.shape == (5, topk_triton.mask_bytes(width))
+    assert topk_triton.mask_bytes(width) % 4 == 0 and topk_triton.mask_bytes(width) * 8 >= width
+    assert torch.equal(topk_triton.mask_to_indices(mask, width), stable_mask(scores, k))
+    bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1
+    assert int(bits.view(5, -1)[:, width:].sum()) == 0, "bits past the row must be zero"
+    assert torch.equal(mask, topk_triton.mask_from_indices(topk_triton.row_topk(scores, k), width))
+
+
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 300), (torch.bfloat16, 37), (torch.float16, 64)])
+def test_row_topk_mask_of_other_rows_comes_from_indices(interpret, dtype, width):
+    """Rows the word kernel does not take (not bf16, or an odd width) get the mask of row_topk's
+    indices."""
+    scores = random_scores(4, width, dtype, ties=True)
+    mask = topk_triton.row_topk_mask(scores, 9)
+    assert torch.equal(topk_triton.mask_to_indices(mask, width), stable_mask(scores, 9))
+
+
+def test_mask_from_indices_sets_bit_b_of_word_w_for_channel_32w_plus_b():
+    idx = torch.tensor([[0, 31, 32, 69], [1, 2, 3, 40]])
+    words = topk_triton.mask_from_indices(idx, 70).view(torch.int32)
+    assert words.shape == (2, 3)
+    assert words[0].tolist() == [1 | -(1 << 31), 1, 1 << 5]
+    assert words[1].tolist() == [0b1110, 1 << 8, 0]
+
+
+def test_row_topk_mask_refuses_bad_k(interpret):
+    with pytest.raises(ValueError, match="k = 0"):
+        topk_triton.row_topk_mask(torch.randn(2, 40).bfloat16(), 0)
 
 
 def test_row_topk_takes_strided_rows(interpret):

@@ -25,47 +25,54 @@ from typing import Optional
 from moc_lightning.bench.common import emit
 
 BENCH = "sass"
-KERNELS = ("row_topk", "ordered_backward")
+KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward")
 # Shared-memory traffic and CTA barriers: in a one-warp kernel, layout conversions.
 SHARED_MEMORY_OPS = ("STS", "LDS", "BAR")
 
 
-def _row_topk_source(chunk: int):
+def _row_topk_source(chunk: int, mask_out: bool = False):
     """The bf16 word Top-K at the 350M benchmark's row (2736 channels: 1024 + 512 words held),
-    int16 indices, one warp, 16-byte aligned rows."""
+    int16 indices (or a bitmask: chunks of 128 words), one warp, 16-byte aligned rows."""
     from triton.compiler import ASTSource
 
     from moc_lightning.kernels import topk_triton as tk
 
     tk._import_triton()
-    lanes, vec = tk.chunk_layout(chunk, 1)
-    signature = {"words_ptr": "*i32", "out_ptr": "*i16", "n_pairs": "i32", "k": "i32", "in_row_stride": "i32",
-                 "out_row_stride": "i32", "BLOCK_A": "constexpr", "BLOCK_B": "constexpr", "HAS_B": "constexpr",
-                 "ASM": "constexpr", "LANES": "constexpr", "VEC": "constexpr", "ALIGNED": "constexpr"}
+    lanes, vec = tk.chunk_layout(128 if mask_out else chunk, 1)
+    signature = {"words_ptr": "*i32", "out_ptr": "*i8" if mask_out else "*i16", "n_pairs": "i32", "k": "i32",
+                 "in_row_stride": "i32", "out_row_stride": "i32", "mask_bytes": "i32", "BLOCK_A": "constexpr",
+                 "BLOCK_B": "constexpr", "HAS_B": "constexpr", "ASM": "constexpr", "LANES": "constexpr",
+                 "VEC": "constexpr", "ALIGNED": "constexpr", "MASK_OUT": "constexpr"}
     constexprs = {"BLOCK_A": 1024, "BLOCK_B": 512, "HAS_B": True, "ASM": True, "LANES": lanes, "VEC": vec,
-                  "ALIGNED": vec % 4 == 0}
+                  "ALIGNED": vec % 4 == 0, "MASK_OUT": mask_out}
     # _kernel binds the device functions the kernel calls, as the launcher does.
     return ASTSource(fn=tk._kernel(tk._bf16_pair_topk), signature=signature, constexprs=constexprs,
                      attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}), \
         {"num_warps": 1, "maxnreg": tk.PAIR_MAXNREG}
 
 
-def _ordered_backward_source(chunk: int):
-    """The ordered backward in its autotuner's first config (2 rows of 64 columns, 2 warps)."""
+def _mask_source(kernel: str, block_r: int = 1, words: int = 8, num_warps: int = 1):
+    """The bitmask forward or backward, bf16, sm_90 PTX (popc, the sigmoid), in a (BLOCK_R, WORDS,
+    warps) config: by default one row of 8 words on one warp (8 channels a thread)."""
     from triton.compiler import ASTSource
 
     from moc_lightning.kernels import moc_train
 
-    signature = {name: "*bf16" for name in ("GZ", "GS", "US", "SS", "ZS", "BUF")}
-    signature.update({"IX": "*i16", "n_rows": "i32", "width": "i32", "kept": "i32", "s_gz": "i32", "s_c": "i32",
-                      "s_buf": "i32", "STORED": "constexpr"})
-    meta = moc_train._ordered_meta(2, 64)
-    signature.update({name: "constexpr" for name in meta})
-    order = ["GZ", "IX", "GS", "US", "SS", "ZS", "BUF", "n_rows", "width", "kept", "s_gz", "s_c", "s_buf", "STORED",
-             *meta]
-    signature = {name: signature[name] for name in order}
-    return ASTSource(fn=moc_train._ordered_backward_kernel, signature=signature, constexprs={"STORED": False, **meta},
-                     attrs={(i,): [["tt.divisibility", 16]] for i in range(7)}), {"num_warps": 2}
+    if kernel == "mask_forward":
+        fn, tensors, flag = moc_train._mask_forward_kernel, ("G", "U", "MASK", "ZD", "GS", "US", "SS", "ZS"), "STORE_SZ"
+        ints = ("n_rows", "width", "n_words", "s_g", "s_u", "s_m", "s_zd", "s_c")
+    else:
+        fn, tensors, flag = moc_train._mask_backward_kernel, ("GZ", "MASK", "GS", "US", "SS", "ZS", "BUF"), "STORED"
+        ints = ("n_rows", "width", "n_words", "s_gz", "s_m", "s_c", "s_buf")
+    signature = {name: "*i32" if name == "MASK" else "*bf16" for name in tensors}
+    signature.update({name: "i32" for name in ints})
+    constexprs = {flag: False, "ASM": True, "BLOCK_R": block_r, "WORDS": words}
+    signature.update({name: "constexpr" for name in constexprs})
+    # Pointers, and the width and strides of the 350M rows (2736, 2 x 2736...), are multiples of 16:
+    # Triton's launcher specializes such arguments, and vectorizes on it.
+    aligned = [i for i, name in enumerate(signature) if name in tensors or name == "width" or name.startswith("s_")]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned}), {"num_warps": num_warps}
 
 
 def compile_sass(kernel: str, chunk: int = 128) -> str:
@@ -77,7 +84,10 @@ def compile_sass(kernel: str, chunk: int = 128) -> str:
 
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    source, options = (_row_topk_source if kernel == "row_topk" else _ordered_backward_source)(chunk)
+    if kernel.startswith("mask_"):
+        source, options = _mask_source(kernel)
+    else:
+        source, options = _row_topk_source(chunk, mask_out=kernel == "row_topk_mask")
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +105,12 @@ def opcode_counts(sass: str) -> Counter:
         if match:
             counts[match.group(1).split(".")[0]] += 1
     return counts
+
+
+def wide_accesses(sass: str) -> int:
+    """Global loads and stores of 16 bytes (LDG.E.128, STG.E.128): a dense tile read or written
+    8 bf16 a thread."""
+    return len(re.findall(r"\b(?:LDG|STG)\.E\.128\b", sass))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -118,6 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              top=dict(counts.most_common(12)))
         emit(BENCH, "sass_shared_memory_ops", sum(counts[op] for op in SHARED_MEMORY_OPS), "instructions", **context,
              ops={op: counts[op] for op in SHARED_MEMORY_OPS})
+        emit(BENCH, "sass_16_byte_accesses", wide_accesses(sass), "instructions", **context)
         if args.sass_out:
             with open(args.sass_out, "w") as f:
                 f.write(sass)

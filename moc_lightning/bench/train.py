@@ -6,7 +6,8 @@ bytes against dense SwiGLU and the baselines, whole training steps, and the larg
 Parts (JSON lines through moc_lightning.bench.common, bench "train"):
   check     Triton path vs torch path vs a float64 reference, on fresh random inputs of several shapes
   elementwise  MoC's element-wise kernels alone at 350M shapes, each launch setting: the scatter
-            kernels, and the ordered backward (its output compared bit for bit with the scatter one)
+            kernels, the Top-K writing indices or a bitmask, and the mask forward and backward
+            (their outputs compared bit for bit with the scatter kernels')
   ffn       FFN fwd+bwd at 350M shapes (32768 tokens, d 1024, d_ffn 2736, K 512), bf16
   step      llama-350m, bsz 128 x 256 tokens: forward + backward + AdamW (bf16 autocast, fp32 weights)
   maxbatch  llama-1b: the largest batch of 256-token sequences whose training step fits, dense vs MoC
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from moc_lightning.bench.common import check, copy_bandwidth_gbs, emit, floor_ms, rel_error, time_ms
 from moc_lightning.ffn import FFNConfig, build_ffn, functions, topk
-from moc_lightning.kernels import moc_train
+from moc_lightning.kernels import moc_train, topk_triton
 from moc_lightning.profiling import measure_saved_bytes
 
 BENCH = "train"
@@ -80,20 +81,28 @@ def _reference(x, weights, grad_out, mask):
     return out.detach(), torch.autograd.grad(out, leaves, grad_out.double())
 
 
-def _run_capturing_indices(module, x, grad_out):
-    """Output, the four gradients, and the kept-channel indices the module saved for backward."""
-    indices = []
+def _run_capturing_mask(module, x, grad_out, d_ffn):
+    """Output, the four gradients, the 0/1 kept-channel mask (float64) from what the module saved
+    for backward (indices, or a bitmask), and the bytes that bitmask took over int16 indices."""
+    kept = []
 
     def pack(t):
-        if t.dtype in (torch.int16, torch.int32):
-            indices.append(t)
+        if t.dtype in (torch.int16, torch.int32, torch.uint8):
+            kept.append(t)
         return t
 
     xg = x.detach().clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module(xg)
     grads = torch.autograd.grad(out, [xg, *module.parameters()], grad_out)
-    return out.detach(), grads, indices[0].long()
+    rows = x.shape[0]
+    if kept[0].dtype == torch.uint8:
+        mask = topk_triton.mask_to_indices(kept[0], d_ffn).double()
+        extra = kept[0].numel() - 2 * rows * int(mask[0].sum())
+    else:
+        mask = torch.zeros(rows, d_ffn, device=x.device, dtype=torch.float64).scatter_(1, kept[0].long(), 1.0)
+        extra = 0
+    return out.detach(), grads, mask, extra
 
 
 CHECK_CASES = [
@@ -113,11 +122,10 @@ def check_correctness() -> bool:
         label = f"{FFNConfig(kind='moc', **case).label}_{case['d_ffn']}x{rows}"
         cfg = FFNConfig(kind="moc", **case)
         x, grad_out = fresh(rows, cfg.d_model), fresh(rows, cfg.d_model)
-        results, saved = {}, {}
+        results, saved, mask_extra = {}, {}, {}
         for kernel in ("torch", "triton"):
             module = build(cfg.replace(moc_kernel=kernel))
-            out, grads, idx = _run_capturing_indices(module, x, grad_out)
-            mask = torch.zeros(rows, cfg.d_ffn, device="cuda", dtype=torch.float64).scatter_(1, idx, 1.0)
+            out, grads, mask, mask_extra[kernel] = _run_capturing_mask(module, x, grad_out, cfg.d_ffn)
             weights = [p.detach() for p in module.parameters()]
             ref_out, ref_grads = _reference(x, weights, grad_out, mask)
             results[kernel] = (out, grads, mask, ref_out, ref_grads)
@@ -126,7 +134,8 @@ def check_correctness() -> bool:
         counts_ok = bool((mask_t.sum(1) == cfg.kept_channels).all())
         agree = float((mask_t * mask_r).sum() / mask_r.sum())
         emit(BENCH, "check_mask_agreement", agree, "fraction", case=label)
-        ok = counts_ok and saved["torch"] == saved["triton"]
+        # The same tensors saved, but for a bitmask in place of int16 indices.
+        ok = counts_ok and saved["torch"] + mask_extra["triton"] == saved["triton"]
         names = ("out", "grad_x", "grad_gate", "grad_up", "grad_down")
         for i, name in enumerate(names):
             pick = (lambda r: r[0] if i == 0 else r[1][i - 1])
@@ -149,9 +158,10 @@ def _settings(configs) -> list[tuple[dict, int]]:
 
 
 def bench_elementwise() -> bool:
-    """MoC's element-wise kernels alone at 350M shapes, on the indices of the triton row Top-K:
-    the scatter forward and backward at each launch setting, and the ordered backward at each of
-    its settings, whose output must equal the scatter backward's bit for bit."""
+    """MoC's element-wise kernels alone at 350M shapes, on the triton row Top-K's channels: the
+    scatter forward and backward (any index order) at each launch setting, and the bitmask path
+    (the Top-K writing a mask, the mask forward and backward, whose outputs must equal the
+    scatter kernels' bit for bit) at each of its settings."""
     rows, d_ffn, k = TOKENS, SHAPE_350M["d_ffn"], 512
     gate_up = fresh(rows, 2 * d_ffn)
     g, u = gate_up[:, :d_ffn], gate_up[:, d_ffn:]
@@ -163,8 +173,6 @@ def bench_elementwise() -> bool:
          kernel="scatter_forward", setting="autotuned")
     emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.scatter_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel)),
          "ms", kernel="scatter_backward", setting="autotuned")
-    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.ordered_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel)),
-         "ms", kernel="ordered_backward", setting="autotuned")
     grid = lambda meta: (-(-rows // meta["BLOCK_R"]),)  # noqa: E731
     dummy = ref.g_sel.new_empty(1)
     z_dense = torch.empty(rows, d_ffn, dtype=DTYPE, device="cuda")
@@ -174,20 +182,51 @@ def bench_elementwise() -> bool:
     for meta, warps in _settings(moc_train._ELEMENTWISE_CONFIGS):
         fwd = lambda: moc_train._scatter_forward_kernel[grid(meta)](  # noqa: E731
             g, u, idx, z_dense, *compact, dummy, dummy, rows, d_ffn, k, g.stride(0), u.stride(0), idx.stride(0), d_ffn,
-            k, STORE_SZ=False, WRITE_IX=False, num_warps=warps, **meta)
+            k, STORE_SZ=False, WRITE_IX=False, ASM=moc_train._asm(g.device), num_warps=warps, **meta)
         bwd = lambda: moc_train._scatter_backward_kernel[grid(meta)](  # noqa: E731
             grad_z, ref.idx, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, k, d_ffn, k, 3 * d_ffn,
-            STORED=False, num_warps=warps, **meta)
+            STORED=False, ASM=moc_train._asm(g.device), num_warps=warps, **meta)
         emit(BENCH, "elementwise_ms", time_ms(fwd), "ms", kernel="scatter_forward", num_warps=warps, **meta)
         emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="scatter_backward", num_warps=warps, **meta)
-    for meta, warps in _settings(moc_train._ORDERED_CONFIGS):
-        bwd = lambda: moc_train._ordered_backward_kernel[grid(meta)](  # noqa: E731
-            grad_z, ref.idx, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, k, d_ffn, k, 3 * d_ffn,
-            STORED=False, num_warps=warps, **meta)
-        buf.fill_(float("nan"))
+    # The bitmask path: the Top-K writing a mask, the mask forward and backward (bit for bit the
+    # scatter kernels' results), autotuned and at each setting.
+    mask = topk_triton.row_topk_mask(g, k)
+    all_ok &= check(BENCH, "row_topk_mask_matches_indices", torch.equal(mask, topk_triton.mask_from_indices(idx, d_ffn)))
+    emit(BENCH, "elementwise_ms", time_ms(lambda: topk.select_channels(g, k=k, backend="triton",
+                                                                       index_dtype=torch.int16)),
+         "ms", kernel="row_topk_int16")
+    emit(BENCH, "elementwise_ms", time_ms(lambda: topk_triton.row_topk_mask(g, k)), "ms", kernel="row_topk_mask")
+    for stored in (False, True):
+        want = moc_train.scatter_forward(g, u, idx, torch.int16, stored)
+        got = moc_train.mask_forward(g, u, mask, k, stored)
+        same = all(torch.equal(a, b) for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]) if a is not None)
+        all_ok &= check(BENCH, "mask_forward_matches_scatter", same, stored=stored)
+        extra = (got.s_sel, got.z_sel) if stored else ()
+        all_ok &= check(BENCH, "mask_backward_matches_scatter",
+                        torch.equal(moc_train.mask_backward(grad_z, mask, got.g_sel, got.u_sel, *extra),
+                                    moc_train.scatter_backward(grad_z, want.idx, want.g_sel, want.u_sel, *extra)),
+                        stored=stored)
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.mask_forward(g, u, mask, k, False)), "ms",
+         kernel="mask_forward", setting="autotuned")
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.mask_backward(grad_z, mask, ref.g_sel, ref.u_sel)), "ms",
+         kernel="mask_backward", setting="autotuned")
+    words = mask.view(torch.int32)
+    for meta, warps in _settings(moc_train._MASK_CONFIGS):
+        fwd = lambda: moc_train._mask_forward_kernel[grid(meta)](  # noqa: E731
+            g, u, words, z_dense, *compact[1:], dummy, dummy, rows, d_ffn, words.shape[1], g.stride(0), u.stride(0),
+            words.shape[1], d_ffn, k, STORE_SZ=False, ASM=moc_train._asm(g.device), num_warps=warps, **meta)
+        bwd = lambda: moc_train._mask_backward_kernel[grid(meta)](  # noqa: E731
+            grad_z, words, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, words.shape[1], d_ffn,
+            words.shape[1], k, 3 * d_ffn, STORED=False, ASM=moc_train._asm(g.device), num_warps=warps, **meta)
+        for out in (z_dense, *compact[1:], buf):
+            out.fill_(float("nan"))
+        fwd()
         bwd()
-        all_ok &= check(BENCH, "ordered_backward_matches_scatter", torch.equal(buf, ref_buf), num_warps=warps, **meta)
-        emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="ordered_backward", num_warps=warps, **meta)
+        same = all(torch.equal(a, b) for a, b in ((z_dense, ref.z_dense), (compact[1], ref.g_sel), (compact[2], ref.u_sel)))
+        all_ok &= check(BENCH, "mask_forward_matches_scatter", same, num_warps=warps, **meta)
+        all_ok &= check(BENCH, "mask_backward_matches_scatter", torch.equal(buf, ref_buf), num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(fwd), "ms", kernel="mask_forward", num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="mask_backward", num_warps=warps, **meta)
     fwd_bytes = 2 * rows * d_ffn * 3 + rows * k * 6
     bwd_bytes = 2 * rows * d_ffn * 4 + rows * k * 6
     emit(BENCH, "elementwise_byte_floor", floor_ms(fwd_bytes), "ms", kernel="forward (read G, U; write Z', compact)")
@@ -201,19 +240,16 @@ def bench_elementwise() -> bool:
 
 @contextlib.contextmanager
 def kernel_path(path: str):
-    """MoC's Triton path for the triton row Top-K, for side-by-side timing: `default` (int16
-    indices from the Top-K, the gather forward, the ordered backward), `int64_indices` (the
-    same, the Top-K writing int64 indices that the gather forward narrows, as before) or
-    `scatter_kernels` (the scatter backward, as if the indices came in any order)."""
-    ascending, select = functions.row_indices_ascending, functions.select_channels
-    if path == "scatter_kernels":
-        functions.row_indices_ascending = lambda backend, device: False
-    if path == "int64_indices":
-        functions.select_channels = lambda g, **kw: select(g, **{**kw, "index_dtype": torch.int64})
+    """MoC's Triton path for the triton row Top-K, for side-by-side timing: `default` (the Top-K
+    writes a bitmask, then the mask forward and backward) or `indices` (the Top-K writes int16
+    indices, then the gather forward and the scatter backward, as for any backend's indices)."""
+    native = functions.row_mask_native
+    if path == "indices":
+        functions.row_mask_native = lambda backend, device: False
     try:
         yield
     finally:
-        functions.row_indices_ascending, functions.select_channels = ascending, select
+        functions.row_mask_native = native
 
 
 def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
@@ -227,10 +263,9 @@ def ffn_variants() -> list[tuple[str, FFNConfig, dict]]:
     ]
     for backend in topk_backends():
         variants.append((f"moc_k512_triton_topk_{backend}", moc.replace(moc_kernel="triton", topk_backend=backend), {}))
-    # The triton row Top-K through earlier paths, side by side with the default one.
-    for path in ("int64_indices", "scatter_kernels"):
-        variants.append((f"moc_k512_triton_topk_triton_{path}",
-                         moc.replace(moc_kernel="triton", topk_backend="triton"), {"path": path}))
+    # The triton row Top-K through the indices path, side by side with the default (bitmask) one.
+    variants.append(("moc_k512_triton_topk_triton_indices", moc.replace(moc_kernel="triton", topk_backend="triton"),
+                     {"path": "indices"}))
     variants += [
         ("moc_k512_stored_triton", moc.replace(moc_kernel="triton", recompute=False), {}),
         ("moc_2:8_torch_kernel", moc.replace(group="2:8", moc_kernel="torch"), {}),
@@ -379,14 +414,13 @@ def _train_step(model, opt, ids, micro_batches: int = 1) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"}),
-             ("moc_k512_int64_indices", {"kind": "moc"})]
+STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("moc_2:8", {"kind": "moc", "group": "2:8"})]
 
 
 def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
     for label, ffn in STEP_FFNS:
-        path = "int64_indices" if label.endswith("int64_indices") else "default"
+        path = "default"
         model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
-from moc_lightning.ffn.topk import row_indices_ascending, select_channels
+from moc_lightning.ffn.topk import row_mask_native, select_channel_mask, select_channels
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -53,7 +53,8 @@ def _silu_and_grad(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class MoCFunction(torch.autograd.Function):
     """D = (SiLU(G) * M * U) W_down^T with M the Top-K mask of G, saving only the kept channels.
 
-    Saved: x, the kept channels' indices (int16 below 32768 channels), G and U there; with
+    Saved: x, the kept channels' indices (int16 below 32768 channels; the Triton kernels save
+    a bitmask of them instead where the Top-K backend writes one), G and U there; with
     recompute=False also S and Z there (Table 1's MoC column). Backward rebuilds S and Z from
     those and never differentiates through the selection. `kernel` is a resolved moc_kernel
     (`torch` or `triton`, see resolve_moc_kernel).
@@ -120,14 +121,15 @@ def _torch_backward(ctx, grad_out):
 
 def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     """(the kernels' ForwardPack, the order of its compact slots: an (a, b) group whose slot
-    order they follow, "ascending" channels within each row, or None for any order).
+    order they follow, "mask" (ascending channels within each row, the pack's idx a bitmask of
+    them), or None for the order of the indices).
 
     G and U come from one GEMM against [W_gate; W_up] (measured faster than two, concatenation
     included). a:b groups with a power-of-two b are selected inside the kernel unless a Top-K
-    backend is named explicitly; the rest goes through select_channels (indices of the saved
-    type, int16 below 32768 channels, written so by the triton row Top-K) and the gather kernel,
-    which keeps the order of the indices: ascending where the backend lists each row's channels
-    so, and then backward takes the ordered kernel.
+    backend is named explicitly; a row Top-K whose backend writes bitmasks (triton) goes
+    through the mask kernels, and backward saves the mask (a third of int16 indices' bytes at
+    K 512 of 2736); the rest goes through select_channels (indices of the saved type, int16
+    below 32768 channels) and the gather kernel, which keeps the order of the indices.
     """
     moc_train = _kernels()
     d_ffn = w_gate.shape[0]
@@ -136,9 +138,11 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     idx_dtype = index_dtype(d_ffn)
     if group is not None and backend == "auto" and moc_train.group_fusable(group):
         return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
+    if group is None and row_mask_native(backend, g.device):
+        mask = select_channel_mask(g, k=k, placement=placement, backend=backend)
+        return moc_train.mask_forward(g, u, mask, k, store_sz), "mask"
     idx = select_channels(g, k=k, group=group, placement=placement, backend=backend, index_dtype=idx_dtype)
-    ascending = group is None and row_indices_ascending(backend, g.device)
-    return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), ("ascending" if ascending else None)
+    return moc_train.scatter_forward(g, u, idx, idx_dtype, store_sz), None
 
 
 def _triton_backward(ctx, grad_out):
@@ -150,8 +154,8 @@ def _triton_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grad_z = grad_out @ w_down
     s_sel, z_sel = stored if stored else (None, None)
-    if ctx.slot_order == "ascending":
-        buf = moc_train.ordered_backward(grad_z, idx, g_sel, u_sel, s_sel, z_sel)
+    if ctx.slot_order == "mask":
+        buf = moc_train.mask_backward(grad_z, idx, g_sel, u_sel, s_sel, z_sel)
     elif ctx.slot_order is not None:
         buf = moc_train.group_backward(grad_z, idx, g_sel, u_sel, ctx.slot_order, s_sel, z_sel)
     else:

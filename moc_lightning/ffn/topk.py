@@ -1,8 +1,8 @@
 """Which channels MoC keeps: row Top-K or grouped a:b Top-K, ranked before or after SiLU.
 
-Backends return compact int64 indices (rows x kept channels, in no particular order unless the
-backend registers `row_ascending`: then its row Top-K lists each row's channels in ascending
-order, which MoC's Triton training kernels exploit). `torch` is
+Backends return compact int64 indices (rows x kept channels, in no particular order); a backend
+that registers `row_mask` also writes a row Top-K as a bitmask of the kept channels, which MoC's
+Triton training kernels read in place of indices (`select_channel_mask`). `torch` is
 plain `torch.topk`; GPU backends register themselves with `register_backend` when their kernels
 are importable, and `auto` takes the first registered one that runs on the tensor's device.
 """
@@ -22,20 +22,22 @@ _WHY_NOT: dict[str, Callable] = {}
 _AUTO_ON: dict[str, Callable] = {}
 # `auto` tries these in order; faster backends are inserted in front when they register.
 _AUTO_ORDER: list[str] = []
-# backends whose row Top-K returns each row's indices in ascending channel order
-_ROW_ASCENDING: set[str] = set()
 # backends whose row Top-K writes narrower indices itself (an `out_dtype` keyword)
 _ROW_OUT_DTYPE: set[str] = set()
+# name -> row_topk_mask(scores, k): backends that also write the kept channels as a bitmask
+_ROW_MASK: dict[str, Callable] = {}
 
 
 def register_backend(name: str, runs_on: Callable, row_topk: Callable, group_topk: Callable, prefer: bool = False,
                      why_not: Optional[Callable] = None, auto_on: Optional[Callable] = None,
-                     row_ascending: bool = False, row_out_dtype: bool = False):
+                     row_out_dtype: bool = False, row_mask: Optional[Callable] = None):
     _BACKENDS[name] = (runs_on, row_topk, group_topk)
-    for flag, members in ((row_ascending, _ROW_ASCENDING), (row_out_dtype, _ROW_OUT_DTYPE)):
-        members.discard(name)
-        if flag:
-            members.add(name)
+    _ROW_MASK.pop(name, None)
+    if row_mask is not None:
+        _ROW_MASK[name] = row_mask
+    _ROW_OUT_DTYPE.discard(name)
+    if row_out_dtype:
+        _ROW_OUT_DTYPE.add(name)
     if why_not is not None:
         _WHY_NOT[name] = why_not
     if auto_on is not None:
@@ -60,10 +62,22 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def row_indices_ascending(backend: str, device: torch.device) -> bool:
-    """Whether `backend` (as resolved on `device`) returns row Top-K indices in ascending
-    channel order within each row."""
-    return resolve_backend(backend, device) in _ROW_ASCENDING
+def row_mask_native(backend: str, device: torch.device) -> bool:
+    """Whether `backend` (as resolved on `device`) writes row Top-K bitmasks itself."""
+    return resolve_backend(backend, device) in _ROW_MASK
+
+
+def select_channel_mask(g: torch.Tensor, *, k: int, placement: str = "pre_silu", backend: str = "auto") -> torch.Tensor:
+    """The row Top-K's kept channels as a bitmask (uint8, rows x 4 ceil(d_ffn / 32); bit b of
+    int32 word w is channel 32 w + b): written by the backend where it can, else built from its
+    indices."""
+    from moc_lightning.kernels.topk_triton import mask_from_indices
+
+    name = resolve_backend(backend, g.device)
+    scores = channel_scores(g, placement)
+    if name in _ROW_MASK:
+        return _ROW_MASK[name](scores, k)
+    return mask_from_indices(_BACKENDS[name][1](scores, k), g.shape[1])
 
 
 def channel_scores(g: torch.Tensor, placement: str) -> torch.Tensor:
@@ -123,6 +137,6 @@ from moc_lightning.kernels import raft_select_k, topk_triton  # noqa: E402
 # `auto` takes triton on CUDA only: on CPU it runs in triton's interpreter, for tests that name it.
 register_backend("triton", topk_triton.runs_on, topk_triton.row_topk, topk_triton.group_topk, prefer=True,
                  why_not=topk_triton.unavailable_reason, auto_on=lambda device: torch.device(device).type == "cuda",
-                 row_ascending=True, row_out_dtype=True)
+                 row_out_dtype=True, row_mask=topk_triton.row_topk_mask)
 register_backend("raft", raft_select_k.runs_on, raft_select_k.row_topk, raft_select_k.group_topk,
                  why_not=raft_select_k.unavailable_reason)

@@ -3,8 +3,8 @@
 The GEMMs stay dense (cuBLAS); what these kernels remove is the string of element-wise passes and
 d_ffn-wide temporaries of the plain PyTorch path:
 
-forward   G, U (rows x d_ffn) -> the compact tensors backward keeps (kept channels' int16 indices,
-          G and U there; S and Z there too when recompute is off) and the dense Z' that the down
+forward   G, U (rows x d_ffn) -> the compact tensors backward keeps (the kept channels, as int16
+          indices or a bitmask; G and U there; S and Z there too when recompute is off) and the dense Z' that the down
           projection multiplies, in one kernel.
 backward  grad_Z = grad_out W_down (rows x d_ffn) plus the compact tensors -> one buffer
           [Z' | grad_G' | grad_U'] (rows x 3 d_ffn), so that grad W_down, [grad W_gate; grad W_up]
@@ -14,13 +14,17 @@ Three ways to know which channels are kept:
 - any indices (row Top-K from a Top-K backend): the kernels gather at the indices and scatter into
   dense rows they first zero (a CTA barrier orders the zeros before the scattered values, so the
   rows reach memory once, as whole lines);
-- indices ascending within each row (the triton row Top-K's): the forward is the gather kernel
-  above, which keeps that order, and the backward finds each column's compact slot by a binary
-  search in a window of the compact run, writing whole tiles (no zeroing, no scattered stores);
+- a bitmask of each row's kept channels (the triton row Top-K writes one, see
+  topk_triton.row_topk_mask): the compact tensors list the kept channels in ascending order,
+  each column finds its slot by pop counts of the mask, and every dense tile, forward and
+  backward, is read or written whole; the mask is what backward saves in place of indices;
 - grouped a:b Top-K with b a power of two up to 64: a tile holds whole groups, so the forward
   kernel selects the a best of each group itself (a rounds of argmax), stores group j's picks at
   compact slots [j*a, j*a + a), and every dense tile, forward and backward, is written whole and
   coalesced, without zeroing or scattering.
+
+On sm_90 the sigmoid in every kernel is PTX's approximate ex2 and rcp (see `_silu_parts`): the
+kernels issue more instructions than they move bytes.
 
 Measured and dropped (H100, .bench-raw/train-1.jsonl, train-2.jsonl): the gate/up GEMM with the
 group selection in its epilogue (1.94 ms against 0.52 ms for cuBLAS's two GEMMs); 2:4 sparse
@@ -32,7 +36,9 @@ warp's registers takes 255 of them, 8 warps an SM, and capping the registers spi
 again on an H200 with the Top-K's chunked placement, the compact G, U and indices stored as the
 kept channels are placed (0.601 ms against 0.345 + 0.216 ms for the two kernels); the 2:8
 backward reading the compact tensors and grad_Z as whole tiles instead of gathering each pick's
-grad_Z (0.297 against 0.259 ms, H200, stop 13).
+grad_Z (0.297 against 0.259 ms, H200, stop 13); for ascending indices, a backward finding each
+column's slot by a binary search in a window of the compact run (0.356 ms against 0.302 ms for
+the bitmask backward, H200, stop 14), and the same search in the forward (0.61 ms).
 
 Everything runs under TRITON_INTERPRET=1 on CPU tensors (the tests do that); on a machine without
 triton the module still imports, and the launchers raise a clear error.
@@ -104,17 +110,20 @@ def _compact_outputs(rows: int, kept: int, like: torch.Tensor, index_dtype: Opti
     return ix, new(), new(), (new() if store_sz else dummy), (new() if store_sz else dummy)
 
 
-def _ordered_meta(block_r: int, block_f: int) -> dict:
-    """The ordered backward's tile (BLOCK_F a power of two) and its binary search's LOG_F rounds."""
-    return {"BLOCK_R": block_r, "BLOCK_F": block_f, "LOG_F": block_f.bit_length() - 1}
-
-
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _silu_parts(g):
-        """sigma(g), SiLU(g) and SiLU'(g) in float32."""
-        sig = tl.sigmoid(g)
+    def _silu_parts(g, ASM: tl.constexpr):
+        """sigma(g), SiLU(g) and SiLU'(g) in float32. ASM: sigma as 1 / (1 + 2^(-g log2 e)) with
+        the approximate, flush-to-zero ex2 and rcp of PTX (4 instructions; tl.sigmoid's exp and
+        division add range fix-ups, about 6 more an element, in kernels that issue more than
+        they move)."""
+        if ASM:
+            sig = tl.inline_asm_elementwise(
+                "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
+                "rcp.approx.ftz.f32 $0, t; }", "=r,r", [g], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            sig = tl.sigmoid(g)
         return sig, g * sig, sig * (1.0 + g * (1.0 - sig))
 
     @triton.jit
@@ -128,7 +137,7 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _scatter_forward_kernel(G, U, IDX, ZD, IX, GS, US, SS, ZS, n_rows, width, kept,
                                 s_g, s_u, s_idx, s_zd, s_c,
-                                STORE_SZ: tl.constexpr, WRITE_IX: tl.constexpr, BLOCK_R: tl.constexpr,
+                                STORE_SZ: tl.constexpr, WRITE_IX: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr,
                                 BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         for f0 in range(0, width, BLOCK_F):
@@ -142,7 +151,7 @@ if TRITON_AVAILABLE:
             ch = tl.load(IDX + r * s_idx + slots, mask=ok, other=0).to(tl.int32)
             g = tl.load(G + r * s_g + ch, mask=ok, other=0.0)
             u = tl.load(U + r * s_u + ch, mask=ok, other=0.0)
-            _, s, _ = _silu_parts(g.to(tl.float32))
+            _, s, _ = _silu_parts(g.to(tl.float32), ASM)
             z = (s * u.to(tl.float32)).to(ZD.dtype.element_ty)
             compact = r * s_c + slots
             if WRITE_IX:
@@ -156,7 +165,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _scatter_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, kept, s_gz, s_c, s_buf,
-                                 STORED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+                                 STORED: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                                  BLOCK_K: tl.constexpr):
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         for f0 in range(0, 3 * width, BLOCK_F):
@@ -171,7 +180,7 @@ if TRITON_AVAILABLE:
             ch = tl.load(IX + compact, mask=ok, other=0).to(tl.int32)
             g = tl.load(GS + compact, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(US + compact, mask=ok, other=0.0).to(tl.float32)
-            _, s, ds = _silu_parts(g)
+            _, s, ds = _silu_parts(g, ASM)
             if STORED:
                 s = tl.load(SS + compact, mask=ok, other=0.0).to(tl.float32)
                 z = tl.load(ZS + compact, mask=ok, other=0.0).to(BUF.dtype.element_ty)
@@ -183,69 +192,101 @@ if TRITON_AVAILABLE:
             tl.store(out + width, (u * gz * ds).to(BUF.dtype.element_ty), mask=ok)
             tl.store(out + 2 * width, (s * gz).to(BUF.dtype.element_ty), mask=ok)
 
-    # --- indices in ascending channel order: backward tiles written whole ------------------------
-    # The row Top-K kernel lists each row's kept channels in ascending order, and scatter_forward
-    # keeps that order in the compact tensors. Then the kept channels of a column tile
-    # [f0, f0 + BLOCK_F) are one contiguous run of compact slots, starting where the previous
-    # tile's run ended, and a window of BLOCK_F slots from there holds the whole run (a tile
-    # cannot keep more than BLOCK_F channels). A binary search in the window finds each column's
-    # slot, so the backward reads grad_Z and writes [Z' | grad_G' | grad_U'] as whole coalesced
-    # tiles, with no zero pass and no scattered 2-byte stores (0.38 ms against 0.61 ms for the
-    # scatter kernel on an H200 at 350M shapes). ncu: it issues 9,100 warp instructions a row, ALU
-    # bound (DRAM 33%). The slots from a popc of the window's channels as a 64-bit tile mask
-    # instead, G' and U' read at them from memory, timed slower (0.58 ms; stop 13). The same
-    # search in the forward timed slower than the scatter forward (0.61 against 0.22 ms), and a
-    # histogram of the window instead of the search slower still (0.53-1.4 ms), so neither is kept.
+    # --- a bitmask of the kept channels: every tile written whole, slots by pop counts ----------
+    # The row Top-K can write each row's kept channels as a bitmask (bit b of int32 word w is
+    # channel 32 w + b) instead of indices. The compact tensors then list the kept channels in
+    # ascending order, and column c's slot is the row's kept count before c: the pop counts of
+    # the earlier words plus that of c's own word below c, no search and no cross-lane gathers.
+    # Both kernels read and write the dense tensors as whole coalesced tiles (8 channels a
+    # thread: 16-byte accesses), and the mask is what backward saves in place of the indices
+    # (344 bytes a row against 1,024 for K 512 of 2736 int16 indices). H200, 350M shapes
+    # (stop 14): backward 0.302 ms (the binary-search one it replaced: 0.356), forward 0.206
+    # (the gather forward: 0.204), and the Top-K writing the mask 0.144 against 0.169 for
+    # int16 indices.
 
     @triton.jit
-    def _find_in_window(ch, cols, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, LOG_F: tl.constexpr):
-        """For a window `ch` (BLOCK_R x BLOCK_F channels, ascending per row; entries past the
-        tile or past the row's kept count above every column) and the tile's columns: the window
-        position of each column's channel (a branchless lower bound, LOG_F gathers) and whether
-        the column is kept."""
-        cols2 = cols + tl.zeros([BLOCK_R, BLOCK_F], tl.int32)
-        pos = tl.zeros([BLOCK_R, BLOCK_F], tl.int32)
-        for i in tl.static_range(LOG_F):
-            probe = tl.gather(ch, pos + ((BLOCK_F >> (i + 1)) - 1), axis=1)
-            pos = tl.where(probe < cols2, pos + (BLOCK_F >> (i + 1)), pos)
-        return pos, tl.gather(ch, pos, axis=1) == cols2
+    def _popc(x, ASM: tl.constexpr):
+        """Set bits of each int32 (one instruction on the GPU; bit tricks in the interpreter)."""
+        if ASM:
+            return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return (x * 0x01010101) >> 24
 
     @triton.jit
-    def _ordered_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, kept, s_gz, s_c, s_buf,
-                                 STORED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-                                 LOG_F: tl.constexpr):
+    def _mask_tile(MASK, r, row_ok, s_m, w0, n_words, start, width, ASM: tl.constexpr, WORDS: tl.constexpr):
+        """The tile of mask words [w0, w0 + WORDS) of BLOCK_R rows, as (rows, WORDS, 32) tiles:
+        the channels, which are kept, their compact slots (rows' first slots at `start`), where
+        the tile is inside the tensor, and the next tile's start."""
+        words = w0 + tl.arange(0, WORDS)[None, :]
+        m = tl.load(MASK + r * s_m + words, mask=row_ok[:, None] & (words < n_words), other=0)
+        count = _popc(m, ASM)
+        before = start[:, None] + tl.cumsum(count, axis=1) - count
+        bit = tl.arange(0, 32)[None, None, :]
+        m3 = m[:, :, None]
+        cols = words[:, :, None] * 32 + bit
+        inside = row_ok[:, None, None] & (cols < width)
+        keep = (((m3 >> bit) & 1) != 0) & inside
+        slot = before[:, :, None] + _popc(m3 & ~(-1 << bit), ASM)
+        return cols, keep, slot, inside, start + tl.sum(count, axis=1)
+
+    @triton.jit
+    def _mask_forward_kernel(G, U, MASK, ZD, GS, US, SS, ZS, n_rows, width, n_words, s_g, s_u, s_m, s_zd, s_c,
+                             STORE_SZ: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr,
+                             WORDS: tl.constexpr):
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
-        lane = tl.arange(0, BLOCK_F)[None, :]
-        start = tl.zeros([BLOCK_R], tl.int32)  # each row's first slot past the tiles done
-        for f0 in range(0, width, BLOCK_F):
-            cols = f0 + lane
-            slots = start[:, None] + lane
-            win = row_ok[:, None] & (slots < kept)
-            compact = r * s_c + slots
-            ch = tl.load(IX + compact, mask=win, other=width + BLOCK_F).to(tl.int32)
-            pos, keep = _find_in_window(ch, cols, BLOCK_R, BLOCK_F, LOG_F)
-            g = tl.gather(tl.load(GS + compact, mask=win, other=0.0).to(tl.float32), pos, axis=1)
-            u = tl.gather(tl.load(US + compact, mask=win, other=0.0).to(tl.float32), pos, axis=1)
-            _, s, ds = _silu_parts(g)
+        r3 = r[:, :, None]
+        g_row, u_row, zd_row = G + r3 * s_g, U + r3 * s_u, ZD + r3 * s_zd
+        gs_row, us_row, ss_row, zs_row = GS + r3 * s_c, US + r3 * s_c, SS + r3 * s_c, ZS + r3 * s_c
+        start = tl.zeros([BLOCK_R], tl.int32)
+        for w0 in range(0, n_words, WORDS):
+            cols, keep, slot, inside, start = _mask_tile(MASK, r, row_ok, s_m, w0, n_words, start, width, ASM,
+                                                         WORDS)
+            g = tl.load(g_row + cols, mask=inside, other=0.0)
+            u = tl.load(u_row + cols, mask=inside, other=0.0)
+            _, s, _ = _silu_parts(g.to(tl.float32), ASM)
+            z = (s * u.to(tl.float32)).to(ZD.dtype.element_ty)
+            tl.store(zd_row + cols, tl.where(keep, z, 0.0).to(ZD.dtype.element_ty), mask=inside)
+            tl.store(gs_row + slot, g, mask=keep)
+            tl.store(us_row + slot, u, mask=keep)
+            if STORE_SZ:
+                tl.store(ss_row + slot, s.to(SS.dtype.element_ty), mask=keep)
+                tl.store(zs_row + slot, z, mask=keep)
+
+    @triton.jit
+    def _mask_backward_kernel(GZ, MASK, GS, US, SS, ZS, BUF, n_rows, width, n_words, s_gz, s_m, s_c, s_buf,
+                              STORED: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr,
+                              WORDS: tl.constexpr):
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R)
+        r3 = r[:, :, None]
+        # Each row's pointers, so that the loop adds int32 offsets (one wide multiply-add each).
+        gs_row, us_row, ss_row, zs_row = GS + r3 * s_c, US + r3 * s_c, SS + r3 * s_c, ZS + r3 * s_c
+        gz_row, out_row = GZ + r3 * s_gz, BUF + r3 * s_buf
+        start = tl.zeros([BLOCK_R], tl.int32)
+        for w0 in range(0, n_words, WORDS):
+            cols, keep, slot, inside, start = _mask_tile(MASK, r, row_ok, s_m, w0, n_words, start, width, ASM,
+                                                         WORDS)
+            g = tl.load(gs_row + slot, mask=keep, other=0.0).to(tl.float32)
+            u = tl.load(us_row + slot, mask=keep, other=0.0).to(tl.float32)
+            _, s, ds = _silu_parts(g, ASM)
             if STORED:
-                s = tl.gather(tl.load(SS + compact, mask=win, other=0.0).to(tl.float32), pos, axis=1)
-                z = tl.gather(tl.load(ZS + compact, mask=win, other=0.0), pos, axis=1)
+                s = tl.load(ss_row + slot, mask=keep, other=0.0).to(tl.float32)
+                z = tl.load(zs_row + slot, mask=keep, other=0.0)
             else:
                 z = (s * u).to(BUF.dtype.element_ty)
-            ok = row_ok[:, None] & (cols < width)
-            gz = tl.load(GZ + r * s_gz + cols, mask=ok, other=0.0).to(tl.float32)
-            out = BUF + r * s_buf + cols
-            tl.store(out, tl.where(keep, z, 0.0).to(BUF.dtype.element_ty), mask=ok)
-            tl.store(out + width, tl.where(keep, u * gz * ds, 0.0).to(BUF.dtype.element_ty), mask=ok)
-            tl.store(out + 2 * width, tl.where(keep, s * gz, 0.0).to(BUF.dtype.element_ty), mask=ok)
-            start += tl.sum((ch < f0 + BLOCK_F).to(tl.int32), axis=1)
+            gz = tl.load(gz_row + cols, mask=inside, other=0.0).to(tl.float32)
+            out = out_row + cols
+            tl.store(out, tl.where(keep, z, 0.0).to(BUF.dtype.element_ty), mask=inside)
+            tl.store(out + width, tl.where(keep, u * gz * ds, 0.0).to(BUF.dtype.element_ty), mask=inside)
+            tl.store(out + 2 * width, tl.where(keep, s * gz, 0.0).to(BUF.dtype.element_ty), mask=inside)
 
     # --- a:b groups: selection inside the kernel, dense tiles written whole ----------------------
 
     @triton.jit
     def _group_forward_kernel(G, U, ZD, IX, GS, US, SS, ZS, n_rows, width, s_g, s_u, s_zd, s_c,
                               A: tl.constexpr, A_P2: tl.constexpr, B: tl.constexpr, POST_SILU: tl.constexpr,
-                              STORE_SZ: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
+                              STORE_SZ: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
         """Tiles of (rows, groups, B): A rounds of argmax per group (the first of equal ones), each
         knocking its winner out; the t-th pick of group j goes to compact slot j*A + t. The picks
         are gathered into (rows, groups, A) tiles and stored once, contiguous: storing each
@@ -259,7 +300,7 @@ if TRITON_AVAILABLE:
         g3 = tl.load(G + r[:, :, None] * s_g + ch3, mask=valid3, other=0.0).to(tl.float32)
         u3 = tl.load(U + r[:, :, None] * s_u + ch3, mask=valid3, other=0.0).to(tl.float32)
         if POST_SILU:
-            _, s3, _ = _silu_parts(g3)
+            _, s3, _ = _silu_parts(g3, ASM)
             scores = tl.abs(s3)
         else:
             scores = g3
@@ -285,7 +326,7 @@ if TRITON_AVAILABLE:
             else:
                 g_pick = tl.where(ok, best, 0.0)  # the scores are G itself
             u_pick = tl.sum(tl.where(hit, u3, 0.0), axis=2)
-            _, s_pick, _ = _silu_parts(g_pick)
+            _, s_pick, _ = _silu_parts(g_pick, ASM)
             z3 = tl.where(hit & ok[:, :, None], (s_pick * u_pick)[:, :, None], z3)
             at = slot3 == t
             picked = picked | (at & ok[:, :, None])
@@ -297,14 +338,14 @@ if TRITON_AVAILABLE:
         tl.store(GS + compact3, g_acc.to(GS.dtype.element_ty), mask=picked)
         tl.store(US + compact3, u_acc.to(US.dtype.element_ty), mask=picked)
         if STORE_SZ:
-            _, s_acc, _ = _silu_parts(g_acc)
+            _, s_acc, _ = _silu_parts(g_acc, ASM)
             tl.store(SS + compact3, s_acc.to(SS.dtype.element_ty), mask=picked)
             tl.store(ZS + compact3, (s_acc * u_acc).to(ZS.dtype.element_ty), mask=picked)
         tl.store(ZD + r[:, :, None] * s_zd + ch3, z3.to(ZD.dtype.element_ty), mask=valid3)
 
     @triton.jit
     def _group_backward_kernel(GZ, IX, GS, US, SS, ZS, BUF, n_rows, width, n_groups, kept, s_gz, s_c, s_buf,
-                               A: tl.constexpr, B: tl.constexpr, STORED: tl.constexpr,
+                               A: tl.constexpr, B: tl.constexpr, STORED: tl.constexpr, ASM: tl.constexpr,
                                BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
         """Compact slots [j*A, j*A + A) belong to group j: each dense tile is written once, whole."""
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
@@ -320,7 +361,7 @@ if TRITON_AVAILABLE:
             ch = tl.load(IX + compact, mask=ok, other=-1).to(tl.int32)
             g = tl.load(GS + compact, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(US + compact, mask=ok, other=0.0).to(tl.float32)
-            _, s, ds = _silu_parts(g)
+            _, s, ds = _silu_parts(g, ASM)
             if STORED:
                 s = tl.load(SS + compact, mask=ok, other=0.0).to(tl.float32)
                 z = tl.load(ZS + compact, mask=ok, other=0.0).to(tl.float32)
@@ -349,12 +390,14 @@ if TRITON_AVAILABLE:
         triton.Config({"BLOCK_R": r, "GROUPS": g}, num_warps=w)
         for r, g, w in ((8, 32, 4), (16, 32, 8), (32, 16, 8), (4, 64, 4), (16, 64, 8), (8, 16, 2))
     ]
-    # 64-channel tiles of 1-4 rows; the fastest timed on an H200 were 2 rows and 2 warps.
-    _ORDERED_CONFIGS = [
-        triton.Config(_ordered_meta(r, f), num_warps=w)
-        for r, f, w in ((2, 64, 2), (1, 64, 1), (2, 64, 1), (1, 64, 2), (4, 64, 4), (2, 32, 1))
+    # (rows, 32-channel words) tiles; one row of 8 or 16 words, 1-2 warps, timed fastest on an H200.
+    _MASK_CONFIGS = [
+        triton.Config({"BLOCK_R": r, "WORDS": w}, num_warps=nw)
+        for r, w, nw in ((1, 4, 2), (1, 2, 1), (1, 8, 1), (2, 8, 2), (4, 8, 4), (1, 8, 2), (2, 8, 4), (1, 4, 1),
+                         (2, 4, 2), (1, 16, 2))
     ]
-    _ordered_backward_tuned = _tuned(_ordered_backward_kernel, _ORDERED_CONFIGS, ["width", "kept", "STORED"])
+    _mask_forward_tuned = _tuned(_mask_forward_kernel, _MASK_CONFIGS, ["width", "STORE_SZ"])
+    _mask_backward_tuned = _tuned(_mask_backward_kernel, _MASK_CONFIGS, ["width", "STORED"])
     _scatter_forward_tuned = _tuned(_scatter_forward_kernel, _ELEMENTWISE_CONFIGS,
                                    ["width", "kept", "STORE_SZ", "WRITE_IX"])
     _scatter_backward_tuned = _tuned(_scatter_backward_kernel, _ELEMENTWISE_CONFIGS, ["width", "kept", "STORED"])
@@ -366,10 +409,11 @@ if TRITON_AVAILABLE:
 # (still smaller than the tests' shapes, so ragged edges are exercised).
 _INTERPRET_ELEMENTWISE = {"BLOCK_R": 8, "BLOCK_F": 32, "BLOCK_K": 8}
 _INTERPRET_GROUP = {"BLOCK_R": 16, "GROUPS": 4}
-_INTERPRET_ORDERED = _ordered_meta(4, 16)
+_INTERPRET_MASK = {"BLOCK_R": 4, "WORDS": 1}
 
 
 def _launch(tuned, kernel, interpret_meta, grid, *args, **constexprs):
+    constexprs.setdefault("ASM", _asm(args[0].device))
     if interpreting():
         kernel[grid(interpret_meta)](*args, **constexprs, **interpret_meta)
     else:
@@ -431,6 +475,54 @@ def group_forward(g: torch.Tensor, u: torch.Tensor, group: tuple[int, int], post
     return ForwardPack(z_dense, ix, gs, us, ss if store_sz else None, zs if store_sz else None)
 
 
+def _asm(device: torch.device) -> bool:
+    """Whether kernels may use inline PTX (compiled for a CUDA device, not interpreted)."""
+    return device.type == "cuda" and not interpreting()
+
+
+def _mask_words(mask: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """A kept-channel bitmask (uint8, rows x 4 ceil(width / 32), as the row Top-K writes it) as
+    the int32 words the kernels read."""
+    words = -(-width // 32)
+    if mask.dtype != torch.uint8 or mask.shape != (rows, 4 * words):
+        raise ValueError(f"expected a uint8 bitmask of shape ({rows}, {4 * words}), got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    return mask.contiguous().view(torch.int32)
+
+
+def mask_forward(g: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, kept: int, store_sz: bool) -> ForwardPack:
+    """The kept channels given as a bitmask of `kept` channels a row (see
+    topk_triton.row_topk_mask): the compact tensors in ascending channel order, and the dense
+    Z'. The pack's `idx` is the mask itself (what backward saves in place of indices)."""
+    require(g.device)
+    _check_rows(g, u)
+    rows, width = g.shape
+    words = _mask_words(mask, rows, width)
+    z_dense = torch.empty(rows, width, dtype=g.dtype, device=g.device)
+    _, gs, us, ss, zs = _compact_outputs(rows, kept, g, None, store_sz)
+    _launch(_mask_forward_tuned, _mask_forward_kernel, _INTERPRET_MASK, _rows_grid(rows), g, u, words, z_dense,
+            gs, us, ss, zs, rows, width, words.shape[1], g.stride(0), u.stride(0), words.stride(0),
+            z_dense.stride(0), kept, STORE_SZ=store_sz)
+    return ForwardPack(z_dense, mask, gs, us, ss if store_sz else None, zs if store_sz else None)
+
+
+def mask_backward(grad_z: torch.Tensor, mask: torch.Tensor, g_sel: torch.Tensor, u_sel: torch.Tensor,
+                  s_sel: Optional[torch.Tensor] = None, z_sel: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """scatter_backward for compact tensors in ascending channel order whose kept channels are
+    given as a bitmask (as mask_forward leaves them)."""
+    require(grad_z.device)
+    _check_rows(grad_z, g_sel, u_sel)
+    rows, width = grad_z.shape
+    words = _mask_words(mask, rows, width)
+    buf = _backward_buffer(grad_z)
+    stored = s_sel is not None
+    dummy = g_sel.new_empty(1)
+    _launch(_mask_backward_tuned, _mask_backward_kernel, _INTERPRET_MASK, _rows_grid(rows), grad_z, words, g_sel,
+            u_sel, s_sel if stored else dummy, z_sel if stored else dummy, buf, rows, width, words.shape[1],
+            grad_z.stride(0), words.stride(0), g_sel.stride(0), buf.stride(0), STORED=stored)
+    return buf
+
+
 def _group_kept(width: int, a: int, b: int) -> int:
     full, rest = divmod(width, b)
     return full * a + min(a, rest)
@@ -460,16 +552,6 @@ def scatter_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tenso
     tensors, any index order (equations 7b, 7c on the kept channels, zero elsewhere)."""
     require(grad_z.device)
     return _row_block_backward(_scatter_backward_tuned, _scatter_backward_kernel, _INTERPRET_ELEMENTWISE,
-                               grad_z, idx, g_sel, u_sel, s_sel, z_sel)
-
-
-def ordered_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tensor, u_sel: torch.Tensor,
-                     s_sel: Optional[torch.Tensor] = None, z_sel: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """scatter_backward for compact tensors whose indices ascend within each row (as
-    scatter_forward leaves the triton row Top-K's): dense tiles written whole, compact runs read
-    contiguously. Indices out of order give wrong results."""
-    require(grad_z.device)
-    return _row_block_backward(_ordered_backward_tuned, _ordered_backward_kernel, _INTERPRET_ORDERED,
                                grad_z, idx, g_sel, u_sel, s_sel, z_sel)
 
 

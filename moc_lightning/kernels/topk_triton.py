@@ -323,15 +323,16 @@ def _pair_chunk_cut(eq_lo, eq_hi, w, need):
     return tl.min(tl.min(cut, axis=0), axis=0)
 
 
-def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride,
+def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_stride, mask_bytes,
                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, ASM: tl.constexpr,
-                    LANES: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+                    LANES: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr, MASK_OUT: tl.constexpr):
     """One row per program: its words in two register pieces (BLOCK_A, then BLOCK_B words) for
     the threshold search; then the kept values are placed a chunk of (VEC, LANES) words at a time,
     the row read again (from cache), one compare a word: halves >= t up to the last value equal
     to t that is kept (the `cut` channel), > t after it. Where some ties are dropped, each chunk
     also counts its ties against those still to keep; the chunk where they run out finds the cut
-    by a scan."""
+    by a scan. MASK_OUT: a bitmask of the kept channels instead of their indices (see
+    `row_topk_mask`), one byte a lane (VEC = 4 words, 8 channels), mask_bytes a row."""
     row = tl.program_id(0).to(tl.int64)
     if ALIGNED:  # in_row_stride counts 4-word vectors: the compiler then knows rows start on 16 B
         base = words_ptr + row * (in_row_stride * 4)
@@ -374,11 +375,19 @@ def _bf16_pair_topk(words_ptr, out_ptr, n_pairs, k, in_row_stride, out_row_strid
         ge = _pair_ge(p, tl.where(w < cut_w, tt, tl.where(w == cut_w, c_cut, uu)), ASM)
         keep_lo = ge & v
         keep_hi = (ge >> 16) & v
-        slot, kept = _scan_2d(keep_lo + keep_hi)
-        slot += offset
-        _store_where(out + slot, (2 * w).to(idx_ty), keep_lo, ASM)
-        _store_where(out + slot + keep_lo, (2 * w + 1).to(idx_ty), keep_hi, ASM)
-        offset += kept
+        if MASK_OUT:
+            # No slots to count: the lane's 8 channels are one byte, bit i channel 8 * byte + i.
+            tl.static_assert(VEC == 4)
+            shift = 2 * tl.arange(0, VEC)[:, None]
+            byte = tl.sum((keep_lo << shift) | (keep_hi << (shift + 1)), axis=0)
+            at = (w0 + tl.arange(0, LANES) * VEC) // 4
+            tl.store(out + at, byte.to(idx_ty), mask=at < mask_bytes)  # past the row: zero bits
+        else:
+            slot, kept = _scan_2d(keep_lo + keep_hi)
+            slot += offset
+            _store_where(out + slot, (2 * w).to(idx_ty), keep_lo, ASM)
+            _store_where(out + slot + keep_lo, (2 * w + 1).to(idx_ty), keep_hi, ASM)
+            offset += kept
 
 
 def _group_argmax_topk(bits_ptr, out_ptr, width, n_groups, b, in_row_stride, out_row_stride,
@@ -525,24 +534,26 @@ def chunk_layout(chunk: int, num_warps: int) -> tuple[int, int]:
 
 
 def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Optional[int],
-                  chunk: Optional[int], maxnreg: Optional[int]) -> None:
+                  chunk: Optional[int], maxnreg: Optional[int], mask_out: bool = False) -> None:
     n_pairs = words.shape[1]
     block_a, block_b = split_blocks(n_pairs)
     _, default_warps = _launch_config(2 * (block_a + block_b))
+    num_warps = num_warps or default_warps
+    if mask_out:  # a lane's byte of the mask is its 4 words
+        chunk = 128 * num_warps
     chunk = PLACE_CHUNK if chunk is None else chunk
     if chunk <= 0 or chunk & (chunk - 1):
         raise ValueError(f"chunk = {chunk} must be a power of two")
     if maxnreg is not None and not 24 <= maxnreg <= 255:
         raise ValueError(f"maxnreg = {maxnreg} must be in [24, 255] registers a thread")
-    num_warps = num_warps or default_warps
     lanes, vec = chunk_layout(chunk, num_warps)
     # 16-byte loads where each lane's words are whole aligned vectors.
     aligned = vec % 4 == 0 and n_pairs % vec == 0 and words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
     _kernel(_bf16_pair_topk)[(words.shape[0],)](
-        words, out, n_pairs, k, words.stride(0) // 4 if aligned else words.stride(0), out.stride(0),
+        words, out, n_pairs, k, words.stride(0) // 4 if aligned else words.stride(0), out.stride(0), out.shape[1],
         BLOCK_A=block_a, BLOCK_B=max(block_b, 1), HAS_B=block_b > 0,
         ASM=packed_compare_in_asm(words.device), LANES=lanes, VEC=vec, num_warps=num_warps,
-        ALIGNED=aligned,
+        ALIGNED=aligned, MASK_OUT=mask_out,
         **({} if interpreting() or maxnreg is None else {"maxnreg": maxnreg}))
 
 
@@ -561,8 +572,8 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
              packed: Optional[bool] = None, chunk: Optional[int] = None, maxnreg: Optional[int] = None,
              out_dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Indices (rows x k, int64 unless out_dtype says narrower) of the k largest scores of each
-    row (NaN ranks as -inf), in ascending channel order within each row (MoC's ordered training
-    kernels rely on it). Rows wider than MAX_BLOCK channels do not fit one program and go to
+    row (NaN ranks as -inf), in ascending channel order within each row (among equal scores the
+    lowest channels, as a stable sort would pick). Rows wider than MAX_BLOCK channels do not fit one program and go to
     torch.topk, sorted.
 
     bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
@@ -591,6 +602,48 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
                      in_col0=0, seg_in_stride=0, out_col0=0, seg_out_stride=0,
                      segs_per_program=segs_per_program, num_warps=num_warps, split=split,
                      int_count=int_count)
+    return out
+
+
+def mask_bytes(width: int) -> int:
+    """Bytes a row of a kept-channel bitmask takes: whole int32 words (kernels read it so)."""
+    return 4 * ((width + 31) // 32)
+
+
+def mask_from_indices(idx: torch.Tensor, width: int) -> torch.Tensor:
+    """The bitmask (uint8, rows x mask_bytes(width)) of the channels `idx` (rows x kept) lists:
+    bit i of byte j is channel 8 j + i (little-endian, so bit b of int32 word w is channel
+    32 w + b); bits past the row are zero."""
+    rows = idx.shape[0]
+    bits = torch.zeros(rows, 8 * mask_bytes(width), dtype=torch.uint8, device=idx.device)
+    bits.scatter_(1, idx.long(), 1)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=idx.device)
+    return (bits.view(rows, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
+
+
+def mask_to_indices(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The kept channels of a bitmask as a 0/1 tensor (rows x width, bool)."""
+    bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    return bits.view(mask.shape[0], -1)[:, :width].bool()
+
+
+def row_topk_mask(scores: torch.Tensor, k: int, **launch) -> torch.Tensor:
+    """The k largest scores of each row (NaN ranks as -inf; among equal scores the lowest
+    channels, as `row_topk`) as a bitmask, uint8 rows x mask_bytes(width) (see
+    `mask_from_indices`): what MoC's mask kernels read in place of indices (a third of int16
+    indices' bytes at K 512 of 2736). bf16 rows of an even width are written by the word
+    kernel directly, with no slots to count; other rows go through `row_topk`'s indices."""
+    rows, width = scores.shape
+    words = bf16_words(scores)
+    if words is None or width > MAX_BLOCK or launch.get("packed") is False:
+        return mask_from_indices(row_topk(scores, k, **launch), width)
+    _raw_bits(scores)  # the dtype, shape and device checks
+    if not 1 <= k <= width:
+        raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
+    out = torch.empty(rows, mask_bytes(width), dtype=torch.uint8, device=scores.device)
+    if rows:
+        _launch_pairs(words, out.view(torch.int8), k, launch.get("num_warps"), None,
+                      launch.get("maxnreg", PAIR_MAXNREG), mask_out=True)
     return out
 
 
