@@ -6,7 +6,7 @@
 First checks every backend against torch.topk on fresh random inputs of several shapes (widths
 that are no multiple of the kernels' block, K = 1 and K = width, ties, a ragged last group), then
 times each one on the (rows x width) bf16 gate, with the HBM floor of the bytes that must move
-(the scores read, the int64 indices written) and the speed-up over torch.topk. RAFT is built
+(the scores read, the indices or bitmask written) and the speed-up over torch.topk. RAFT is built
 in a background thread while the rest runs (a few minutes the first time, then cached).
 """
 
@@ -64,6 +64,19 @@ def group_is_topk(scores: torch.Tensor, idx: torch.Tensor, a: int, b: int) -> bo
     return all(torch.equal(g.sort(dim=-1).values, w.sort(dim=-1).values) for g, w in parts)
 
 
+def mask_is_topk(scores: torch.Tensor, mask: torch.Tensor, k: int) -> bool:
+    """A bitmask of k channels a row whose values are exactly torch.topk's."""
+    rows, width = scores.shape
+    if mask.dtype != torch.uint8 or mask.shape != (rows, topk_triton.mask_bytes(width)):
+        return False
+    kept = topk_triton.mask_to_indices(mask, width)
+    bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    if not bool((kept.sum(dim=1) == k).all()) or int(bits.view(rows, -1)[:, width:].sum()):
+        return False
+    idx = kept.nonzero()[:, 1].view(rows, k)
+    return row_is_topk(scores, idx, k)
+
+
 def random_scores(rows: int, width: int, dtype: torch.dtype, ties: bool) -> torch.Tensor:
     if ties:
         return torch.randint(-4, 4, (rows, width), device="cuda").to(dtype)
@@ -83,6 +96,18 @@ def run_checks(rec: Recorder, backends: dict[str, tuple[Callable, Callable]]) ->
                     scores = random_scores(rows, width, dtype, ties)
                     ok &= rec.check("group_matches_torch", group_is_topk(scores, group_fn(scores, a, b), a, b),
                                     backend=name, rows=rows, width=width, group=f"{a}:{b}", dtype=str(dtype), ties=ties)
+    return ok
+
+
+def run_mask_checks(rec: Recorder) -> bool:
+    """The row Top-K written as a bitmask (what MoC's training kernels read), on the row checks."""
+    ok = True
+    for dtype in (torch.bfloat16, torch.float32):
+        for ties in (False, True):
+            for rows, width, k in ROW_CHECKS:
+                scores = random_scores(rows, width, dtype, ties)
+                ok &= rec.check("row_mask_matches_torch", mask_is_topk(scores, topk_triton.row_topk_mask(scores, k), k),
+                                backend="triton_mask", rows=rows, width=width, k=k, dtype=str(dtype), ties=ties)
     return ok
 
 
@@ -185,8 +210,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "triton_int32": (lambda s, k: topk_triton.row_topk(s, k, out_dtype=torch.int32),
                                  topk_triton.group_topk),
                 "triton_float_keys": (lambda s, k: topk_triton.row_topk(s, k, packed=False), topk_triton.group_topk)}
-    all_ok = run_checks(rec, backends)
-    timed = {"torch": (_torch_row_topk, _torch_group_topk), **backends}
+    all_ok = run_checks(rec, backends) & run_mask_checks(rec)
+    # `triton_mask` writes the row Top-K as a bitmask of the kept channels (uint8, 4 bytes per 32
+    # channels), as MoC's training path takes it.
+    timed = {"torch": (_torch_row_topk, _torch_group_topk), **backends,
+             "triton_mask": (topk_triton.row_topk_mask, topk_triton.group_topk)}
     if args.tune:
         row_kw, group_kw = tune(rec, args)
         if row_kw.get("packed"):  # the tuned settings are checked on float32 rows too
