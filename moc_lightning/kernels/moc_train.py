@@ -137,8 +137,8 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _scatter_forward_kernel(G, U, IDX, ZD, IX, GS, US, SS, ZS, n_rows, width, kept,
                                 s_g, s_u, s_idx, s_zd, s_c,
-                                STORE_SZ: tl.constexpr, WRITE_IX: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr,
-                                BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+                                STORE_SZ: tl.constexpr, WRITE_IX: tl.constexpr, ASM: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
         rows, row_ok, r = _row_block(n_rows, BLOCK_R)
         for f0 in range(0, width, BLOCK_F):
             cols = f0 + tl.arange(0, BLOCK_F)[None, :]

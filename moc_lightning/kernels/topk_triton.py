@@ -573,8 +573,8 @@ def row_topk(scores: torch.Tensor, k: int, *, segs_per_program: Optional[int] = 
              out_dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Indices (rows x k, int64 unless out_dtype says narrower) of the k largest scores of each
     row (NaN ranks as -inf), in ascending channel order within each row (among equal scores the
-    lowest channels, as a stable sort would pick). Rows wider than MAX_BLOCK channels do not fit one program and go to
-    torch.topk, sorted.
+    lowest channels, as a stable sort would pick). Rows wider than MAX_BLOCK channels do not fit
+    one program and go to torch.topk, sorted.
 
     bf16 rows of an even width take the two-keys-per-word kernel unless packed=False (a
     launch setting other than num_warps, chunk and maxnreg also selects the float32 kernel);
@@ -627,23 +627,24 @@ def mask_to_indices(mask: torch.Tensor, width: int) -> torch.Tensor:
     return bits.view(mask.shape[0], -1)[:, :width].bool()
 
 
-def row_topk_mask(scores: torch.Tensor, k: int, **launch) -> torch.Tensor:
+def row_topk_mask(scores: torch.Tensor, k: int, *, num_warps: Optional[int] = None,
+                  maxnreg: Optional[int] = None) -> torch.Tensor:
     """The k largest scores of each row (NaN ranks as -inf; among equal scores the lowest
     channels, as `row_topk`) as a bitmask, uint8 rows x mask_bytes(width) (see
     `mask_from_indices`): what MoC's mask kernels read in place of indices (a third of int16
     indices' bytes at K 512 of 2736). bf16 rows of an even width are written by the word
     kernel directly, with no slots to count; other rows go through `row_topk`'s indices."""
+    _raw_bits(scores)  # the dtype, shape and device checks
     rows, width = scores.shape
     words = bf16_words(scores)
-    if words is None or width > MAX_BLOCK or launch.get("packed") is False:
-        return mask_from_indices(row_topk(scores, k, **launch), width)
-    _raw_bits(scores)  # the dtype, shape and device checks
+    if words is None or width > MAX_BLOCK:
+        return mask_from_indices(row_topk(scores, k, num_warps=num_warps), width)
     if not 1 <= k <= width:
         raise ValueError(f"k = {k} must be in [1, {width}] (the row width)")
     out = torch.empty(rows, mask_bytes(width), dtype=torch.uint8, device=scores.device)
     if rows:
-        _launch_pairs(words, out.view(torch.int8), k, launch.get("num_warps"), None,
-                      launch.get("maxnreg", PAIR_MAXNREG), mask_out=True)
+        _launch_pairs(words, out.view(torch.int8), k, num_warps, None,
+                      PAIR_MAXNREG if maxnreg is None else maxnreg, mask_out=True)
     return out
 
 
