@@ -68,7 +68,9 @@ def test_matches_float64_reference(rows, group, placement):
                  select_in_updown=False, radix_bits=2),
     # whole rows in one tile (d_model <= updown_block_d), 4 kept rows at a time: several passes a block
     LaunchConfig(gate_block_c=32, gate_block_d=64, updown_block_c=64, updown_block_d=64, updown_rows=4),
-], ids=["dot-select-launch", "single-tile"])
+    # batch 1's gate on an H200: few channels a program, each reading whole input rows
+    LaunchConfig(gate_block_c=4, gate_block_d=64, updown_block_c=16, updown_block_d=64),
+], ids=["dot-select-launch", "single-tile", "narrow-gate"])
 def test_other_launch_configs(rows, config):
     wg, wu, wd = weights()
     x = torch.randn(rows, D)

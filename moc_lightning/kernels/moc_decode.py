@@ -384,9 +384,12 @@ class LaunchConfig:
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
 # the updown fields). The benchmark (`moc_lightning.bench.decode --sweep`) measures alternatives.
-# Batch 1's entries are the fastest of `--sweep` on an H100 (2026-11-25, BENCHMARKS.md).
+# Batch 1's entries are the fastest of `--sweep` on an H100 (2026-11-25), and the row Top-K's gate
+# blocks (4 channels x all 2048 inputs) the fastest on an H200 (2026-11-30: gate 6.9 against 9.1
+# us, the step 25.1 against 27.0 us; BENCHMARKS.md).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(updown_block_c=64, updown_block_d=2048, updown_warps=8, updown_rows=8),
+    1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=64, updown_block_d=2048, updown_warps=8,
+                    updown_rows=8),
     2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
