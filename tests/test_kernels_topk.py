@@ -395,3 +395,18 @@ def test_raft_without_wheels_names_them(monkeypatch):
     monkeypatch.setattr(raft_select_k, "_package_dir", lambda name: None)
     location, why = raft_select_k.find_raft()
     assert location is None and why == "no installed wheel provides libraft, librmm, rapids_logger"
+
+
+@pytest.mark.parametrize("placement", ["pre_silu", "post_silu"])
+def test_select_channel_mask_from_any_backend(interpret, placement):
+    """The triton backend writes the mask itself, the torch one through its indices: the same
+    channels (no ties in random scores), those select_channels picks."""
+    from moc_lightning.ffn.topk import select_channel_mask
+
+    g = torch.randn(6, 70).bfloat16()
+    want = torch.zeros(6, 70, dtype=torch.bool).scatter_(
+        1, select_channels(g, k=9, placement=placement, backend="torch").long(), True)
+    for backend in ("torch", "triton"):
+        mask = select_channel_mask(g, k=9, placement=placement, backend=backend)
+        assert mask.shape == (6, topk_triton.mask_bytes(70))
+        assert torch.equal(topk_triton.mask_to_indices(mask, 70), want), backend

@@ -67,17 +67,16 @@ def row_mask_native(backend: str, device: torch.device) -> bool:
     return resolve_backend(backend, device) in _ROW_MASK
 
 
-def select_channel_mask(g: torch.Tensor, *, k: int, placement: str = "pre_silu", backend: str = "auto") -> torch.Tensor:
+def select_channel_mask(g: torch.Tensor, *, k: int, placement: str = "pre_silu",
+                        backend: str = "auto") -> torch.Tensor:
     """The row Top-K's kept channels as a bitmask (uint8, rows x 4 ceil(d_ffn / 32); bit b of
     int32 word w is channel 32 w + b): written by the backend where it can, else built from its
     indices."""
-    from moc_lightning.kernels.topk_triton import mask_from_indices
-
     name = resolve_backend(backend, g.device)
     scores = channel_scores(g, placement)
     if name in _ROW_MASK:
         return _ROW_MASK[name](scores, k)
-    return mask_from_indices(_BACKENDS[name][1](scores, k), g.shape[1])
+    return topk_triton.mask_from_indices(_BACKENDS[name][1](scores, k), g.shape[1])
 
 
 def channel_scores(g: torch.Tensor, placement: str) -> torch.Tensor:
