@@ -38,7 +38,7 @@ def _row_topk_source(chunk: int, mask_out: bool = False):
     from moc_lightning.kernels import topk_triton as tk
 
     tk._import_triton()
-    lanes, vec = tk.chunk_layout(128 if mask_out else chunk, 1)
+    lanes, vec = tk.chunk_layout(tk.mask_chunk(1) if mask_out else chunk, 1)
     signature = {"words_ptr": "*i32", "out_ptr": "*i8" if mask_out else "*i16", "n_pairs": "i32", "k": "i32",
                  "in_row_stride": "i32", "out_row_stride": "i32", "mask_bytes": "i32", "BLOCK_A": "constexpr",
                  "BLOCK_B": "constexpr", "HAS_B": "constexpr", "ASM": "constexpr", "LANES": "constexpr",

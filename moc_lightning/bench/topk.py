@@ -70,8 +70,7 @@ def mask_is_topk(scores: torch.Tensor, mask: torch.Tensor, k: int) -> bool:
     if mask.dtype != torch.uint8 or mask.shape != (rows, topk_triton.mask_bytes(width)):
         return False
     kept = topk_triton.mask_to_indices(mask, width)
-    bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
-    if not bool((kept.sum(dim=1) == k).all()) or int(bits.view(rows, -1)[:, width:].sum()):
+    if not bool((kept.sum(dim=1) == k).all()) or int(topk_triton.mask_bits(mask)[:, width:].sum()):
         return False
     idx = kept.nonzero()[:, 1].view(rows, k)
     return row_is_topk(scores, idx, k)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moc_lightning.ffn.compact import compact_indices, densify, index_dtype, keep_largest_magnitude
-from moc_lightning.ffn.topk import row_mask_native, select_channel_mask, select_channels
+from moc_lightning.ffn.topk import resolve_backend, row_mask_native, select_channel_mask, select_channels
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -138,6 +138,7 @@ def _triton_forward(x, w_gate, w_up, k, group, placement, store_sz, backend):
     idx_dtype = index_dtype(d_ffn)
     if group is not None and backend == "auto" and moc_train.group_fusable(group):
         return moc_train.group_forward(g, u, group, placement == "post_silu", idx_dtype, store_sz), group
+    backend = resolve_backend(backend, g.device)  # once: `auto` tries the backends in turn
     if group is None and row_mask_native(backend, g.device):
         mask = select_channel_mask(g, k=k, placement=placement, backend=backend)
         return moc_train.mask_forward(g, u, mask, k, store_sz), "mask"

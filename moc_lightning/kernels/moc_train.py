@@ -53,6 +53,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from moc_lightning.kernels.topk_triton import mask_bytes
+
 try:
     import triton
     import triton.language as tl
@@ -488,9 +490,8 @@ def _asm(device: torch.device) -> bool:
 def _mask_words(mask: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """A kept-channel bitmask (uint8, rows x 4 ceil(width / 32), as the row Top-K writes it) as
     the int32 words the kernels read."""
-    words = -(-width // 32)
-    if mask.dtype != torch.uint8 or mask.shape != (rows, 4 * words):
-        raise ValueError(f"expected a uint8 bitmask of shape ({rows}, {4 * words}), got {mask.dtype} "
+    if mask.dtype != torch.uint8 or mask.shape != (rows, mask_bytes(width)):
+        raise ValueError(f"expected a uint8 bitmask of shape ({rows}, {mask_bytes(width)}), got {mask.dtype} "
                          f"{tuple(mask.shape)}")
     return mask.contiguous().view(torch.int32)
 
@@ -537,27 +538,20 @@ def _backward_buffer(grad_z: torch.Tensor) -> torch.Tensor:
     return torch.empty(grad_z.shape[0], 3 * grad_z.shape[1], dtype=grad_z.dtype, device=grad_z.device)
 
 
-def _row_block_backward(tuned, kernel, interpret_meta, grad_z, idx, g_sel, u_sel, s_sel, z_sel) -> torch.Tensor:
-    """Launch one of the two row-block backward kernels (same arguments) into a new buffer;
-    the caller has checked that triton runs on grad_z's device."""
-    _check_rows(grad_z, idx, g_sel, u_sel)
-    rows, width = grad_z.shape
-    buf = _backward_buffer(grad_z)
-    stored = s_sel is not None
-    dummy = g_sel.new_empty(1)
-    _launch(tuned, kernel, interpret_meta, _rows_grid(rows), grad_z, idx, g_sel, u_sel,
-            s_sel if stored else dummy, z_sel if stored else dummy, buf, rows, width, idx.shape[1],
-            grad_z.stride(0), idx.stride(0), buf.stride(0), STORED=stored)
-    return buf
-
-
 def scatter_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tensor, u_sel: torch.Tensor,
                      s_sel: Optional[torch.Tensor] = None, z_sel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[Z' | grad_G' | grad_U'] (rows x 3 d_ffn) from grad_Z = grad_out W_down and the compact
     tensors, any index order (equations 7b, 7c on the kept channels, zero elsewhere)."""
     require(grad_z.device)
-    return _row_block_backward(_scatter_backward_tuned, _scatter_backward_kernel, _INTERPRET_ELEMENTWISE,
-                               grad_z, idx, g_sel, u_sel, s_sel, z_sel)
+    _check_rows(grad_z, idx, g_sel, u_sel)
+    rows, width = grad_z.shape
+    buf = _backward_buffer(grad_z)
+    stored = s_sel is not None
+    dummy = g_sel.new_empty(1)
+    _launch(_scatter_backward_tuned, _scatter_backward_kernel, _INTERPRET_ELEMENTWISE, _rows_grid(rows), grad_z, idx,
+            g_sel, u_sel, s_sel if stored else dummy, z_sel if stored else dummy, buf, rows, width, idx.shape[1],
+            grad_z.stride(0), idx.stride(0), buf.stride(0), STORED=stored)
+    return buf
 
 
 def group_backward(grad_z: torch.Tensor, idx: torch.Tensor, g_sel: torch.Tensor, u_sel: torch.Tensor,

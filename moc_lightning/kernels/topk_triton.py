@@ -526,6 +526,12 @@ def packed_compare_in_asm(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def mask_chunk(num_warps: int) -> int:
+    """The placement chunk of the word kernel writing a bitmask: 4 words a lane (8 channels, one
+    byte of the mask) in every lane."""
+    return 4 * 32 * num_warps
+
+
 def chunk_layout(chunk: int, num_warps: int) -> tuple[int, int]:
     """(LANES, VEC) of the word kernel's placement chunk: VEC contiguous words in each of LANES
     lanes."""
@@ -539,8 +545,8 @@ def _launch_pairs(words: torch.Tensor, out: torch.Tensor, k: int, num_warps: Opt
     block_a, block_b = split_blocks(n_pairs)
     _, default_warps = _launch_config(2 * (block_a + block_b))
     num_warps = num_warps or default_warps
-    if mask_out:  # a lane's byte of the mask is its 4 words
-        chunk = 128 * num_warps
+    if mask_out:
+        chunk = mask_chunk(num_warps)
     chunk = PLACE_CHUNK if chunk is None else chunk
     if chunk <= 0 or chunk & (chunk - 1):
         raise ValueError(f"chunk = {chunk} must be a power of two")
@@ -621,10 +627,15 @@ def mask_from_indices(idx: torch.Tensor, width: int) -> torch.Tensor:
     return (bits.view(rows, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
 
 
+def mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Every bit of a bitmask, padding past the row included, as 0/1 (uint8, rows x 8 bytes)."""
+    bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    return bits.view(mask.shape[0], -1)
+
+
 def mask_to_indices(mask: torch.Tensor, width: int) -> torch.Tensor:
     """The kept channels of a bitmask as a 0/1 tensor (rows x width, bool)."""
-    bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
-    return bits.view(mask.shape[0], -1)[:, :width].bool()
+    return mask_bits(mask)[:, :width].bool()
 
 
 def row_topk_mask(scores: torch.Tensor, k: int, *, num_warps: Optional[int] = None,
