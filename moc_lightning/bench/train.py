@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from moc_lightning.bench.common import check, copy_bandwidth_gbs, emit, floor_ms, rel_error, time_ms
 from moc_lightning.ffn import FFNConfig, build_ffn, functions, topk
+from moc_lightning.ffn.compact import index_dtype
 from moc_lightning.kernels import moc_train, topk_triton
 from moc_lightning.profiling import measure_saved_bytes
 
@@ -83,7 +84,8 @@ def _reference(x, weights, grad_out, mask):
 
 def _run_capturing_mask(module, x, grad_out, d_ffn):
     """Output, the four gradients, the 0/1 kept-channel mask (float64) from what the module saved
-    for backward (indices, or a bitmask), and the bytes that bitmask took over int16 indices."""
+    for backward (indices, or a bitmask), and the bytes that bitmask took over the indices the
+    torch path saves (int16 below 32768 channels)."""
     kept = []
 
     def pack(t):
@@ -98,7 +100,7 @@ def _run_capturing_mask(module, x, grad_out, d_ffn):
     rows = x.shape[0]
     if kept[0].dtype == torch.uint8:
         mask = topk_triton.mask_to_indices(kept[0], d_ffn).double()
-        extra = kept[0].numel() - 2 * rows * int(mask[0].sum())
+        extra = kept[0].numel() - index_dtype(d_ffn).itemsize * rows * int(mask[0].sum())
     else:
         mask = torch.zeros(rows, d_ffn, device=x.device, dtype=torch.float64).scatter_(1, kept[0].long(), 1.0)
         extra = 0
@@ -420,21 +422,19 @@ STEP_FFNS = [("swiglu", {"kind": "swiglu"}), ("moc_k512", {"kind": "moc"}), ("mo
 def bench_step(bsz: int = 128, seq: int = 256, steps: int = 6, loss_chunk_tokens: int = 0) -> None:
     results = {}
     for label, ffn in STEP_FFNS:
-        path = "default"
         model, opt = _model("llama-350m", ffn, loss_chunk_tokens)
         ids = torch.randint(0, model.cfg.vocab_size, (bsz, seq), device="cuda")
         micro_batches = 1
         while True:
             try:
-                with kernel_path(path):
-                    for _ in range(2):  # warm-up: kernels compile and autotune, the optimizer allocates its state
-                        _train_step(model, opt, ids, micro_batches)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    start = time.perf_counter()
-                    for _ in range(steps):
-                        _train_step(model, opt, ids, micro_batches)
-                    torch.cuda.synchronize()
+                for _ in range(2):  # warm-up: kernels compile and autotune, the optimizer allocates its state
+                    _train_step(model, opt, ids, micro_batches)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    _train_step(model, opt, ids, micro_batches)
+                torch.cuda.synchronize()
                 break
             except torch.cuda.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
