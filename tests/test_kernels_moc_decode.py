@@ -78,18 +78,24 @@ def test_other_launch_configs(rows, config):
         assert rel(run(x, wg, wu, wd, k=33, group=group, config=config), reference(x, wg, wu, wd, 33, group, "pre_silu")) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-radix", "bf16-fine-histogram"])
 @pytest.mark.parametrize("k", [1, 17, 99, 100])
-def test_ties_keep_exactly_k_lowest_index_first(k):
+def test_ties_keep_exactly_k_lowest_index_first(k, dtype):
     """Only 5 distinct gate rows: G ties everywhere. Exactly k channels are kept; among tied
-    channels at the threshold the lowest indices, which is the reference mask's stable order."""
+    channels at the threshold the lowest indices, which is the reference mask's stable order.
+    float32 keys go through the radix rounds, bf16 ones through the fine histogram."""
     d, d_ffn = 32, 100
     distinct = torch.randn(5, d)
     wg = distinct[torch.randint(0, 5, (d_ffn,))].contiguous()
     _, wu, wd = weights(d, d_ffn)
-    x = torch.randn(2, d)
+    wg, wu, wd = (w.to(dtype) for w in (wg, wu, wd))
+    x = torch.randn(2, d).to(dtype)
+    scratch = DecodeScratch(d, d_ffn, x.device)
     for rows in (1, 2):
-        out = run(x[:rows], wg, wu, wd, k=k)
-        assert rel(out, reference(x[:rows], wg, wu, wd, k, None, "pre_silu")) < 1e-5
+        out = run(x[:rows], wg, wu, wd, k=k, scratch=scratch)
+        ref = reference(x[:rows], wg, wu, wd, k, None, "pre_silu", rank_dtype=dtype if dtype != torch.float32 else f64)
+        assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert not scratch.hist.any() and not scratch.fine.any()
 
 
 def test_bfloat16_ranks_the_rounded_gate():
@@ -107,7 +113,7 @@ def test_scratch_is_left_clean_and_reused():
     scratch.part.fill_(float("nan"))  # partials are written before they are read: garbage is harmless
     x = torch.randn(4, D)
     first = run(x, wg, wu, wd, k=40, scratch=scratch)
-    assert not scratch.hist.any() and not first.isnan().any()
+    assert not scratch.hist.any() and not scratch.fine.any() and not first.isnan().any()
     one = run(x[:1], wg, wu, wd, k=40, scratch=scratch)
     grouped = run(x[:3], wg, wu, wd, k=40, group="2:8", scratch=scratch)
     again = run(x, wg, wu, wd, k=40, scratch=scratch)

@@ -103,40 +103,55 @@ def _rank_key(score, ROUND: tl.constexpr, KEY16: tl.constexpr):
     return key
 
 
-def _row_threshold(g_row_ptr, hist_row_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
+def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
     """Threshold of one token's Top-K: the k-th largest key T, and the channel index up to which
     channels whose key equals T are kept, so that exactly K are kept. Returns (T, cut).
 
     T's top byte comes from the histogram of key top bytes the gate kernel's programs built with
-    atomics (in an earlier launch; `_finish_kernel` zeroes it); only the lower bits are searched, a
-    CTA-wide count per RADIX_BITS round."""
-    offs = tl.arange(0, N_PAD)
-    ok = offs < F
-    g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
-    key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
-    KEY_BITS: tl.constexpr = 16 if KEY16 else 32
+    atomics (in an earlier launch; `_finish_kernel` zeroes it). 16-bit keys: the low byte comes
+    from the fine histogram (one bin per key), 256 bins under the top byte, so the select is two
+    1 KB loads and two scans; G is read only where keys tie at T beyond what K takes. 32-bit keys:
+    the lower bits are searched, a CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
     hist = tl.load(hist_row_ptr + bins)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
     top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
-    # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
-    thr = (tl.min(key, axis=0) * 0 + top) << (KEY_BITS - 8)  # the key's type (int64 keys: no overflow)
-    for i in tl.static_range((KEY_BITS - 8) // RADIX_BITS):
-        shift = KEY_BITS - 8 - RADIX_BITS * (i + 1)
-        best = thr * 0
-        for digit in tl.static_range(1, 1 << RADIX_BITS):
-            cand = thr | ((thr * 0 + digit) << shift)
-            count = tl.sum((ok & (key >= cand)).to(tl.int32), axis=0)
-            best = tl.where(count >= K, digit, best)
-        thr = thr | (best << shift)
-    above = ok & (key > thr)
-    tied = ok & (key == thr)
-    need = K - tl.sum(above.to(tl.int32), axis=0)
-    cut = F
-    if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
-        rank = tl.cumsum(tied.to(tl.int32), axis=0)
-        cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
+    offs = tl.arange(0, N_PAD)
+    ok = offs < F
+    if KEY16:
+        above_top = tl.sum(tl.where(bins > top, hist, 0), axis=0)
+        fine = tl.load(fine_row_ptr + top * 256 + bins)
+        fine_at_or_above = above_top + tl.sum(fine, axis=0) - tl.cumsum(fine, axis=0) + fine
+        low = tl.max(tl.where(fine_at_or_above >= K, bins, 0), axis=0)
+        thr = top * 256 + low
+        need = K - above_top - tl.sum(tl.where(bins > low, fine, 0), axis=0)
+        cut = F
+        if tl.sum(tl.where(bins == low, fine, 0), axis=0) > need:  # ties at T: keep the first `need`
+            g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
+            tied = ok & (_rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16) == thr)
+            rank = tl.cumsum(tied.to(tl.int32), axis=0)
+            cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
+    else:
+        g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
+        key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+        # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
+        thr = (tl.min(key, axis=0) * 0 + top) << 24  # the key's type (int64 keys: no overflow)
+        for i in tl.static_range(24 // RADIX_BITS):
+            shift = 24 - RADIX_BITS * (i + 1)
+            best = thr * 0
+            for digit in tl.static_range(1, 1 << RADIX_BITS):
+                cand = thr | ((thr * 0 + digit) << shift)
+                count = tl.sum((ok & (key >= cand)).to(tl.int32), axis=0)
+                best = tl.where(count >= K, digit, best)
+            thr = thr | (best << shift)
+        above = ok & (key > thr)
+        tied = ok & (key == thr)
+        need = K - tl.sum(above.to(tl.int32), axis=0)
+        cut = F
+        if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
+            rank = tl.cumsum(tied.to(tl.int32), axis=0)
+            cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
     return thr, cut
 
 
@@ -222,11 +237,12 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
 
 
 
-def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, D, F, B,
+def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, D, F, B,
                  T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr,
                  KEY16: tl.constexpr):
-    """G for BLOCK_C channels and all tokens, and their counts in the histogram of key top bytes."""
+    """G for BLOCK_C channels and all tokens, and their counts in the histogram of key top bytes
+    (and, 16-bit keys, in the fine histogram of whole keys)."""
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < F
     tok = tl.arange(0, T)
@@ -236,19 +252,23 @@ def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, D, F, B,
     tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
     # The select's first step, spread over all programs. Relaxed adds: only later launches read it.
     KEY_BITS: tl.constexpr = 16 if KEY16 else 32
-    top = (_rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16) >> (KEY_BITS - 8)).to(tl.int32)
+    key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+    top = (key >> (KEY_BITS - 8)).to(tl.int32)
     tl.atomic_add(hist_ptr + tok[:, None] * 256 + top, 1, mask=valid, sem="relaxed")
+    if KEY16:
+        tl.atomic_add(fine_ptr + tok[:, None] * 65536 + key, 1, mask=valid, sem="relaxed")
 
 
-def _select_kernel(g_ptr, hist_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
+def _select_kernel(g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
     t = tl.program_id(0)
-    thr, cut = _row_threshold(g_ptr + t * F, hist_ptr + t * 256, F, K, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+    thr, cut = _row_threshold(g_ptr + t * F, hist_ptr + t * 256, fine_ptr + t * 65536, F, K, N_PAD, ROUND,
+                              POST_SILU, KEY16, RADIX_BITS)
     tl.store(thr_ptr + t, thr.to(tl.int64))
     tl.store(cut_ptr + t, cut)
 
 
-def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
+def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
                    D, F, K, GROUP_A, GROUP_B, B, MAXR,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
@@ -280,7 +300,8 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, wu_ptr, wdt
         g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
-            thr_1, cut_1 = _row_threshold(g_ptr, hist_ptr, F, K, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+            thr_1, cut_1 = _row_threshold(g_ptr, hist_ptr, fine_ptr, F, K, N_PAD, ROUND, POST_SILU, KEY16,
+                                          RADIX_BITS)
             thr = tl.zeros((T,), dtype=tl.int64) + thr_1
             cut = tl.zeros((T,), dtype=tl.int32) + cut_1
         else:
@@ -313,10 +334,10 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, thr_ptr, cut_ptr, wu_ptr, wdt
                 tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
 
 
-def _finish_kernel(part_ptr, out_ptr, hist_ptr, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                   CLEAR_HIST: tl.constexpr):
+def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr):
     """out[t, cols] = the sum of the updown programs' partials, in a fixed order (deterministic);
-    also zeroes token t's histogram for the next call."""
+    also zeroes token t's histograms for the next call (the fine one split over the programs)."""
     t = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -331,6 +352,9 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, P, D, MAXR, P_BLOCK: tl.constexp
         if tl.program_id(0) == 0:
             bins = tl.arange(0, 256)
             tl.store(hist_ptr + t * 256 + bins, tl.zeros((256,), dtype=tl.int32))
+    if CLEAR_FINE:
+        for f0 in range(tl.program_id(0) * 1024, 65536, tl.num_programs(0) * 1024):
+            tl.store(fine_ptr + t * 65536 + f0 + tl.arange(0, 1024), tl.zeros((1024,), dtype=tl.int32))
 
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
@@ -386,7 +410,9 @@ class LaunchConfig:
 # the updown fields). The benchmark (`moc_lightning.bench.decode --sweep`) measures alternatives.
 # Batch 1's entries are the fastest of `--sweep` on an H100 (2026-11-25), and the row Top-K's gate
 # blocks (4 channels x all 2048 inputs) the fastest on an H200 (2026-11-30: gate 6.9 against 9.1
-# us, the step 25.1 against 27.0 us; BENCHMARKS.md).
+# us, the step 25.1 against 27.0 us; BENCHMARKS.md). a:b groups at batch 1: 342 programs of two
+# 8-channel groups, each reading its 16 gate rows whole and its 4 kept rows in one round, on 4
+# warps (H200, stop 15: 14.0 against 21.3 us for 86 programs of 8 groups).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=64, updown_block_d=2048, updown_warps=8,
                     updown_rows=8),
@@ -395,7 +421,7 @@ LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(gate_block_d=1024, updown_block_c=64, updown_block_d=2048, updown_warps=8, updown_rows=16),
+    1: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_warps=4, updown_rows=4),
     2: LaunchConfig(updown_block_d=128, use_dot=True),
     4: LaunchConfig(updown_block_d=128, use_dot=True),
     8: LaunchConfig(updown_block_d=128, use_dot=True),
@@ -409,19 +435,26 @@ def launch_config(rows: int, grouped: bool = False) -> LaunchConfig:
 
 class DecodeScratch:
     """Buffers a decode step reuses: G, the histogram of its key top bytes, the per-token
-    thresholds, and one float32 partial output per updown program. The histogram is the only one
-    carried between calls, and `_finish_kernel` leaves it zeroed."""
+    thresholds, and one float32 partial output per updown program. The histograms are the only
+    ones carried between calls, and `_finish_kernel` leaves them zeroed."""
 
     def __init__(self, d_model: int, d_ffn: int, device: torch.device, max_rows: int = MAX_ROWS):
         self.d_model, self.d_ffn, self.max_rows = d_model, d_ffn, max_rows
         self.g = torch.empty(max_rows, d_ffn, dtype=torch.float32, device=device)
         self.hist = torch.zeros(max_rows, 256, dtype=torch.int32, device=device)
+        # One bin per 16-bit key (bf16/fp16 ranked before SiLU): the select reads T off it.
+        self.fine = torch.zeros(max_rows, 65536, dtype=torch.int32, device=device)
         self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
         # A block of at least 16 lanes holds at least 8 channels (a:b groups: b just above a power
         # of two fills a little over half its lanes), hence at most this many updown programs.
         self.max_programs = -(-d_ffn // 8) + 1
         self.part = torch.empty(self.max_programs, max_rows, d_model, dtype=torch.float32, device=device)
+
+    def clear_counts(self) -> None:
+        """Zero the histograms (after gate launches run without their finish, as a benchmark does)."""
+        self.hist.zero_()
+        self.fine.zero_()
 
     @property
     def device(self) -> torch.device:
@@ -502,11 +535,11 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         select_here = rows == 1 and (cfg.select_in_updown if select_in_updown is None else select_in_updown)
         gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
         stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
-            x, w_gate, s.g, s.hist, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
+            x, w_gate, s.g, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
             num_warps=cfg.gate_warps, **common, **rank)
         if not select_here:
             stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
-                s.g, s.hist, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.select_warps,
+                s.g, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.select_warps,
                 **rank)
         block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
         grid = triton.cdiv(d_ffn, block_c)
@@ -518,15 +551,15 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
-        x, w_gate, s.g, s.hist, s.thr, s.cut, w_up, w_down_t, s.part, d_model, d_ffn, k, group_a, group_b, rows,
+        x, w_gate, s.g, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, d_model, d_ffn, k, group_a, group_b, rows,
         s.max_rows, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
         R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
         N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
-        s.part, out, s.hist, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
-        CLEAR_HIST=group is None, num_warps=cfg.finish_warps)
+        s.part, out, s.hist, s.fine, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
+        CLEAR_HIST=group is None, CLEAR_FINE=group is None and rank["KEY16"], num_warps=cfg.finish_warps)
     return out, stages
 
 
