@@ -412,7 +412,8 @@ class LaunchConfig:
 # blocks (4 channels x all 2048 inputs) the fastest on an H200 (2026-11-30: gate 6.9 against 9.1
 # us, the step 25.1 against 27.0 us; BENCHMARKS.md). a:b groups at batch 1: 342 programs of two
 # 8-channel groups, each reading its 16 gate rows whole and its 4 kept rows in one round, on 4
-# warps (H200, stop 15: 14.0 against 21.3 us for 86 programs of 8 groups).
+# warps, and the finish on 16 columns a program (H200, stop 15: 12.2 against 21.3 us for 86
+# programs of 8 groups).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=64, updown_block_d=2048, updown_warps=8,
                     updown_rows=8),
@@ -421,7 +422,8 @@ LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_warps=4, updown_rows=4),
+    1: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_warps=4, updown_rows=4,
+                    finish_block_d=16),
     2: LaunchConfig(updown_block_d=128, use_dot=True),
     4: LaunchConfig(updown_block_d=128, use_dot=True),
     8: LaunchConfig(updown_block_d=128, use_dot=True),
