@@ -48,17 +48,31 @@ try:
     import triton
     import triton.language as tl
 
+    try:  # programmatic dependent launch (sm_90+), in triton's CUDA extras
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        HAS_PDL = True
+    except ImportError:
+        HAS_PDL = False
+
     HAS_TRITON = True
 except ImportError:  # the package still imports; `runs_on` answers False everywhere
     triton = None
     tl = None
     HAS_TRITON = False
+    HAS_PDL = False
 
 # Tokens per step the kernels take (a decode batch); more rows go to the plain path.
 MAX_ROWS = 8
 # A token's whole G row is held by one program in the select: d_ffn up to this many channels.
 MAX_SELECT_WIDTH = 32768
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def pdl_runs_on(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled kernels on a CUDA device of compute capability 9+."""
+    device = torch.device(device)
+    return HAS_PDL and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def interpreting() -> bool:
@@ -111,14 +125,15 @@ def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.conste
     T's top byte comes from the histogram of key top bytes the gate kernel's programs built with
     atomics (in an earlier launch; `_finish_kernel` zeroes it). 16-bit keys: the low byte comes
     from the fine histogram (one bin per key), 256 bins under the top byte, so the select is two
-    1 KB loads and two scans; G is read only where keys tie at T beyond what K takes. 32-bit keys:
+    1 KB loads and two scans; G's keys are used only where they tie at T beyond what K takes. 32-bit keys:
     the lower bits are searched, a CTA-wide count per RADIX_BITS round."""
+    offs = tl.arange(0, N_PAD)
+    ok = offs < F
+    g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)  # in flight with the histogram loads
     bins = tl.arange(0, 256)
     hist = tl.load(hist_row_ptr + bins)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
     top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
-    offs = tl.arange(0, N_PAD)
-    ok = offs < F
     if KEY16:
         above_top = tl.sum(tl.where(bins > top, hist, 0), axis=0)
         fine = tl.load(fine_row_ptr + top * 256 + bins)
@@ -128,12 +143,10 @@ def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.conste
         need = K - above_top - tl.sum(tl.where(bins > low, fine, 0), axis=0)
         cut = F
         if tl.sum(tl.where(bins == low, fine, 0), axis=0) > need:  # ties at T: keep the first `need`
-            g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
             tied = ok & (_rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16) == thr)
             rank = tl.cumsum(tied.to(tl.int32), axis=0)
             cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
     else:
-        g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
         thr = (tl.min(key, axis=0) * 0 + top) << 24  # the key's type (int64 keys: no overflow)
@@ -153,6 +166,15 @@ def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.conste
             rank = tl.cumsum(tied.to(tl.int32), axis=0)
             cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
     return thr, cut
+
+
+def _after_previous(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm_90): wait until the previous launch has finished and its
+    writes are visible, then let the next launch be scheduled. Each launch waits before touching
+    memory, so the order is the stream's; what is saved is the gap between dependent launches."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def _x_dot_tile(xv, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
@@ -240,9 +262,10 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
 def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, D, F, B,
                  T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr,
-                 KEY16: tl.constexpr):
+                 KEY16: tl.constexpr, PDL: tl.constexpr):
     """G for BLOCK_C channels and all tokens, and their counts in the histogram of key top bytes
     (and, 16-bit keys, in the fine histogram of whole keys)."""
+    _after_previous(PDL)
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < F
     tok = tl.arange(0, T)
@@ -260,7 +283,8 @@ def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, D, F, B,
 
 
 def _select_kernel(g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
-                   POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
+                   POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr, PDL: tl.constexpr):
+    _after_previous(PDL)
     t = tl.program_id(0)
     thr, cut = _row_threshold(g_ptr + t * F, hist_ptr + t * 256, fine_ptr + t * 65536, F, K, N_PAD, ROUND,
                               POST_SILU, KEY16, RADIX_BITS)
@@ -274,9 +298,10 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, w
                    R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
-                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr):
+                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them."""
+    _after_previous(PDL)
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
     tok_ok = tok < B
@@ -335,9 +360,10 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, w
 
 
 def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                   CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr):
+                   CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr, PDL: tl.constexpr):
     """out[t, cols] = the sum of the updown programs' partials, in a fixed order (deterministic);
     also zeroes token t's histograms for the next call (the fine one split over the programs)."""
+    _after_previous(PDL)
     t = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -359,7 +385,7 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_rank_score, _rank_key, _row_threshold, _x_dot_tile, _z_dot_tile,
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _row_threshold, _x_dot_tile, _z_dot_tile,
                                                  _rows_times_x, _add_down_rows, _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
@@ -400,6 +426,8 @@ class LaunchConfig:
     select_in_updown: bool = True
     finish_block_d: int = 32
     finish_warps: int = 4
+    # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
+    pdl: bool = False
 
     def __post_init__(self):
         if self.updown_block_c < 16:
@@ -528,6 +556,10 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
     slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
+    pdl = cfg.pdl and pdl_runs_on(x.device)
+    # launch_pdl is a launch option of compiled kernels only (the interpreter takes no such option)
+    common["PDL"] = pdl
+    launch = dict(launch_pdl=True) if pdl else {}
     s = scratch
     out = torch.empty_like(x)
     stages: dict[str, Callable[[], None]] = {}
@@ -538,11 +570,11 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
         stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
             x, w_gate, s.g, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
-            num_warps=cfg.gate_warps, **common, **rank)
+            num_warps=cfg.gate_warps, **common, **rank, **launch)
         if not select_here:
             stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
                 s.g, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.select_warps,
-                **rank)
+                PDL=pdl, **rank, **launch)
         block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
         grid = triton.cdiv(d_ffn, block_c)
     else:
@@ -556,12 +588,13 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         x, w_gate, s.g, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, d_model, d_ffn, k, group_a, group_b, rows,
         s.max_rows, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
         R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
-        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank)
+        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
         s.part, out, s.hist, s.fine, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
-        CLEAR_HIST=group is None, CLEAR_FINE=group is None and rank["KEY16"], num_warps=cfg.finish_warps)
+        CLEAR_HIST=group is None, CLEAR_FINE=group is None and rank["KEY16"], num_warps=cfg.finish_warps, PDL=pdl,
+        **launch)
     return out, stages
 
 
