@@ -68,9 +68,10 @@ def test_matches_float64_reference(rows, group, placement):
                  select_in_updown=False, radix_bits=2),
     # whole rows in one tile (d_model <= updown_block_d), 4 kept rows at a time: several passes a block
     LaunchConfig(gate_block_c=32, gate_block_d=64, updown_block_c=64, updown_block_d=64, updown_rows=4),
-    # batch 1's gate on an H200: few channels a program, each reading whole input rows
-    LaunchConfig(gate_block_c=4, gate_block_d=64, updown_block_c=16, updown_block_d=64),
-], ids=["dot-select-launch", "single-tile", "narrow-gate"])
+    # batch 1's gate on an H200: few channels a program, each reading whole input rows; programmatic
+    # dependent launch asked for, which runs only compiled on sm_90 (here it must be left out)
+    LaunchConfig(gate_block_c=4, gate_block_d=64, updown_block_c=16, updown_block_d=64, pdl=True),
+], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl"])
 def test_other_launch_configs(rows, config):
     wg, wu, wd = weights()
     x = torch.randn(rows, D)
@@ -130,6 +131,12 @@ def test_layers_share_one_scratch_per_shape():
         ffn.prepare_for_decode()
     assert ffns[0].decode_layout.scratch is ffns[1].decode_layout.scratch
     assert shared_scratch(D, 64, torch.device("cpu")) is not ffns[0].decode_layout.scratch
+
+
+def test_programmatic_dependent_launch_only_where_compiled_for_sm90():
+    from moc_lightning.kernels.moc_decode import pdl_runs_on
+
+    assert not pdl_runs_on(torch.device("cpu"))  # the interpreter has no launch options
 
 
 def test_too_small_updown_block_is_refused():

@@ -441,20 +441,23 @@ class LaunchConfig:
 # us, the step 25.1 against 27.0 us; BENCHMARKS.md). a:b groups at batch 1: 342 programs of two
 # 8-channel groups, each reading its 16 gate rows whole and its 4 kept rows in one round, on 4
 # warps, and the finish on 16 columns a program (H200, stop 15: 12.2 against 21.3 us for 86
-# programs of 8 groups).
+# programs of 8 groups). Stop 15's sweep (H200) also chose programmatic dependent launch for both
+# at batch 1 (row Top-K 21.0 against 22.5 us, with 32-channel up/down programs on 4 warps; a:b
+# 11.4 against 12.2 us) and for a:b groups at 2-8 (2-3.5%); the row Top-K at 2-8 ran 1-3% slower
+# with it.
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=64, updown_block_d=2048, updown_warps=8,
-                    updown_rows=8),
+    1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=32, updown_block_d=2048, updown_warps=4,
+                    updown_rows=8, finish_block_d=16, pdl=True),
     2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_warps=4, updown_rows=4,
-                    finish_block_d=16),
-    2: LaunchConfig(updown_block_d=128, use_dot=True),
-    4: LaunchConfig(updown_block_d=128, use_dot=True),
-    8: LaunchConfig(updown_block_d=128, use_dot=True),
+                    finish_block_d=16, pdl=True),
+    2: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
+    4: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
+    8: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
 }
 
 
