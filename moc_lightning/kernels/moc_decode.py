@@ -9,21 +9,25 @@ down projection transposed once, W_down^T (d_ffn, d), so a kept channel's down r
 Row Top-K (k per token), three or four launches, each program writing only its own outputs (no
 program waits on or reads what another wrote in the same launch, so there is nothing to race):
   1. `_gate_kernel`: G = x W_gate^T split over the channel blocks of many programs (all SMs), G
-     written as float32 (tokens x d_ffn, a few KB), and a histogram of the rank keys' top bytes.
-  2. `_select_kernel` (tokens > 1): a radix select per token finds the k-th largest rank key T and,
-     where keys tie at T, the index up to which tied channels are kept, so exactly k are kept.
+     written as float32 (tokens x d_ffn, a few KB), and a histogram of the rank keys' top bytes;
+     16-bit keys also count in a fine histogram, one bin per key.
+  2. `_select_kernel` (tokens > 1): per token, the k-th largest rank key T and, where keys tie at
+     T, the index up to which tied channels are kept, so exactly k are kept. 16-bit keys read T
+     off the two histograms (two 1 KB loads); 32-bit keys take radix rounds over G's keys.
      With one token this select runs inside every updown program instead (one launch less).
   3. `_updown_kernel`: each program takes a block of channels, keeps those any token selected (the
      union: each needed row is read once per step), computes z = SiLU(G) * (x . W_up[c]) for the
      tokens that selected c, and writes its partial sum of z * W_down^T[c] (float32, tokens x d).
   4. `_finish_kernel`: adds the partials in a fixed order (the output is deterministic), casts to
-     the model's dtype, and zeroes the histogram for the next call.
+     the model's dtype, and zeroes the histograms for the next call.
 Grouped a:b Top-K needs no global select: `_updown_kernel` computes its block's G itself (blocks
 are whole groups) and ranks channels inside each group, so MoC_a:b is two launches.
 
 An earlier version let the last program of a launch (an atomic ticket) finish the sum and clear
 the buffers; on an H100 it gave a wrong row in about 1 of 40 bf16 calls, a race this layout rules
-out by construction.
+out by construction. On sm_90 the launches may be chained by programmatic dependent launch
+(`LaunchConfig.pdl`): each waits for the previous one to finish before it touches memory, so
+only the gap between launches goes.
 
 Ranking follows `moc_lightning.ffn.topk`: pre_silu ranks by G, post_silu by |SiLU(G)|, with G first
 rounded to the model's dtype (as the plain path ranks bf16 G). With 16-bit dtypes and pre_silu the
@@ -385,8 +389,8 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _row_threshold, _x_dot_tile, _z_dot_tile,
-                                                 _rows_times_x, _add_down_rows, _updown_rows)}
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _row_threshold, _x_dot_tile,
+                                                 _z_dot_tile, _rows_times_x, _add_down_rows, _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
@@ -576,8 +580,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
             num_warps=cfg.gate_warps, **common, **rank, **launch)
         if not select_here:
             stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
-                s.g, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.select_warps,
-                PDL=pdl, **rank, **launch)
+                s.g, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
+                num_warps=cfg.select_warps, PDL=pdl, **rank, **launch)
         block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
         grid = triton.cdiv(d_ffn, block_c)
     else:
