@@ -6,8 +6,9 @@ bytes against dense SwiGLU and the baselines, whole training steps, and the larg
 Parts (JSON lines through moc_lightning.bench.common, bench "train"):
   check     Triton path vs torch path vs a float64 reference, on fresh random inputs of several shapes
   elementwise  MoC's element-wise kernels alone at 350M shapes, each launch setting: the scatter
-            kernels, the Top-K writing indices or a bitmask, and the mask forward and backward
-            (their outputs compared bit for bit with the scatter kernels')
+            kernels, the Top-K writing indices or a bitmask, the mask forward and backward
+            (their outputs compared bit for bit with the scatter kernels'), and the 2:8 group
+            forward and backward
   ffn       FFN fwd+bwd at 350M shapes (32768 tokens, d 1024, d_ffn 2736, K 512), bf16
   step      llama-350m, bsz 128 x 256 tokens: forward + backward + AdamW (bf16 autocast, fp32 weights)
   maxbatch  llama-1b: the largest batch of 256-token sequences whose training step fits, dense vs MoC
@@ -234,6 +235,53 @@ def bench_elementwise() -> bool:
     emit(BENCH, "elementwise_byte_floor", floor_ms(fwd_bytes), "ms", kernel="forward (read G, U; write Z', compact)")
     emit(BENCH, "elementwise_byte_floor", floor_ms(bwd_bytes), "ms",
          kernel="backward (read grad_Z, compact; write [Z' | grad_G' | grad_U'])")
+    return all_ok & _bench_group_kernels(g, u, grad_z, (2, 8))
+
+
+def _bench_group_kernels(g, u, grad_z, group: tuple[int, int]) -> bool:
+    """The a:b group forward and backward, autotuned and at each of their settings, every
+    setting's outputs checked bit for bit against the autotuned launch's."""
+    rows, d_ffn = g.shape
+    a, b = group
+    ref = moc_train.group_forward(g, u, group, False, torch.int16, False)
+    ref_buf = moc_train.group_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel, group)
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.group_forward(g, u, group, False, torch.int16, False)), "ms",
+         kernel="group_forward", group=f"{a}:{b}", setting="autotuned")
+    emit(BENCH, "elementwise_ms", time_ms(lambda: moc_train.group_backward(grad_z, ref.idx, ref.g_sel, ref.u_sel, group)),
+         "ms", kernel="group_backward", group=f"{a}:{b}", setting="autotuned")
+    n_groups, kept = -(-d_ffn // b), ref.idx.shape[1]
+    grid = moc_train._group_grid(rows, n_groups)
+    dummy = ref.g_sel.new_empty(1)
+    z_dense = torch.empty_like(ref.z_dense)
+    compact = [torch.empty_like(t) for t in (ref.idx, ref.g_sel, ref.u_sel)]
+    buf = torch.empty_like(ref_buf)
+    asm = moc_train._asm(g.device)
+    all_ok = True
+    for meta, warps in _settings(moc_train._GROUP_FORWARD_CONFIGS):
+        fwd = lambda: moc_train._group_forward_kernel[grid(meta)](  # noqa: E731
+            g, u, z_dense, *compact, dummy, dummy, rows, d_ffn, g.stride(0), u.stride(0), d_ffn, kept, A=a,
+            A_P2=1 << (a - 1).bit_length(), B=b, POST_SILU=False, STORE_SZ=False, ASM=asm, num_warps=warps, **meta)
+        for out in (z_dense, *compact[1:]):
+            out.fill_(float("nan"))
+        fwd()
+        same = all(torch.equal(x, y) for x, y in zip((z_dense, *compact), (ref.z_dense, ref.idx, ref.g_sel, ref.u_sel)))
+        all_ok &= check(BENCH, "group_forward_settings_agree", same, num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(fwd), "ms", kernel="group_forward", group=f"{a}:{b}", num_warps=warps,
+             **meta)
+    for meta, warps in _settings(moc_train._GROUP_BACKWARD_CONFIGS):
+        bwd = lambda: moc_train._group_backward_kernel[grid(meta)](  # noqa: E731
+            grad_z, ref.idx, ref.g_sel, ref.u_sel, dummy, dummy, buf, rows, d_ffn, n_groups, kept, d_ffn, kept,
+            3 * d_ffn, A=a, B=b, STORED=False, ASM=asm, num_warps=warps, **meta)
+        buf.fill_(float("nan"))
+        bwd()
+        all_ok &= check(BENCH, "group_backward_settings_agree", torch.equal(buf, ref_buf), num_warps=warps, **meta)
+        emit(BENCH, "elementwise_ms", time_ms(bwd), "ms", kernel="group_backward", group=f"{a}:{b}", num_warps=warps,
+             **meta)
+    compact_bytes = rows * kept * 6  # int16 index, G and U at the kept channels
+    emit(BENCH, "elementwise_byte_floor", floor_ms(2 * rows * d_ffn * 3 + compact_bytes), "ms",
+         kernel=f"group forward {a}:{b} (read G, U; write Z', compact)")
+    emit(BENCH, "elementwise_byte_floor", floor_ms(2 * rows * d_ffn * 4 + compact_bytes), "ms",
+         kernel=f"group backward {a}:{b} (read grad_Z, compact; write [Z' | grad_G' | grad_U'])")
     return all_ok
 
 
