@@ -303,14 +303,28 @@ def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, t
         _, stages = kernel.decode_stages(x, wg, wu, row_module.decode_layout.w_down_t, k=K,
                                          scratch=row_module.decode_layout.scratch, select_in_updown=False)
         parts = {"gate": stages["gate"]}
+    scratch = layer.moc.decode_layout.scratch  # the row path's, which the gate launch counts into
     timed = {}
     for name, launch in parts.items():
         timed[name] = graphed_ms(launch)
-    # The gate launches timed alone added their counts to the histogram of the (shared) scratch
-    # without a finish to clear it: clear it, or the next call would select from stale counts.
+        if name == "gate":
+            # Its thousands of replays piled their counts into the histograms (until stop 15 the
+            # select and up/down were then timed on thresholds from those counts, keeping few
+            # rows): start the rest from one call's counts.
+            torch.cuda.synchronize()
+            scratch.clear_counts()
+            launch()
     torch.cuda.synchronize()
-    layer.moc.decode_layout.scratch.clear_counts()
+    scratch.clear_counts()  # no finish ran after the last gate launch here
     if kind == "moc":
+        # The launches timed alone are the step's: run once in order from clean counts, they give
+        # its output bit for bit.
+        step_out = module(x)
+        staged, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch,
+                                              select_in_updown=False)
+        for launch in stages.values():
+            launch()
+        out.check(f"breakdown/{kind}/stages_give_the_step", torch.equal(staged, step_out), **ctx)
         other = total_ms - sum(timed.values())
     else:
         timed["topk_up_down"] = total_ms - timed["gate"]
