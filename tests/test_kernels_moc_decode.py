@@ -229,3 +229,19 @@ def test_module_imports_and_refuses_clearly_without_triton():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_decode_sweep_candidates_are_distinct_launch_configs():
+    """Each `bench.decode --sweep` candidate changes the default it applies to: a candidate equal
+    to the default (or to another candidate) would time one config twice."""
+    import dataclasses
+
+    from moc_lightning.bench import decode as bench_decode
+    from moc_lightning.kernels import moc_decode
+
+    for table, candidates in ((moc_decode.LAUNCH_CONFIGS, bench_decode.SWEEP_ROW),
+                              (moc_decode.GROUPED_LAUNCH_CONFIGS, bench_decode.SWEEP_GROUP)):
+        assert set(candidates) == set(table)
+        for rows, changes in candidates.items():
+            configs = [repr(dataclasses.replace(table[rows], **change)) for change in changes]
+            assert len(set(configs)) == len(configs), (rows, changes)

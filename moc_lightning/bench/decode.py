@@ -162,14 +162,15 @@ def check_correctness(out: Recorder, batches: list[int]) -> bool:
 
 SINGLE = dict(updown_block_d=2048, updown_warps=8, updown_block_c=64)  # whole rows, both tiles in flight at once
 DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
+# Candidates are changes to the current LAUNCH_CONFIGS / GROUPED_LAUNCH_CONFIGS entry (`dict()` is
+# the entry itself), so they follow the defaults: stop 15's choices, programmatic dependent launch
+# on for the row Top-K at batch 1 and for a:b groups at every batch.
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
     # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these.
-    1: [dict(), dict(SINGLE, updown_rows=16), dict(SINGLE, radix_bits=2), dict(SINGLE, finish_block_d=64),
-        dict(updown_block_c=32, updown_rows=8, updown_warps=4),
-        dict(updown_block_c=32, updown_rows=8, updown_warps=4, finish_block_d=16),
-        # programmatic dependent launch between the three launches
-        dict(pdl=True), dict(pdl=True, updown_block_c=32, updown_rows=8, updown_warps=4, finish_block_d=16)],
+    1: [dict(), dict(pdl=False), dict(finish_block_d=32),
+        dict(SINGLE, updown_rows=16, finish_block_d=32),  # stop 14's up/down and finish
+        dict(SINGLE, finish_block_d=64)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
@@ -179,13 +180,12 @@ SWEEP_ROW = {
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
 SWEEP_GROUP = {
-    1: [dict(), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2), dict(finish_block_d=32),
-        dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
-        dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32),  # stop 14's: 21.3 us
-        dict(pdl=True), dict(pdl=True, finish_warps=2)],
-    2: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=True), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
-    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=True), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
-    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=True), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    1: [dict(), dict(pdl=False), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2),
+        dict(finish_block_d=32), dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
+        dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32)],  # stop 14's: 21.3 us
+    2: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
 }
 
 
