@@ -121,6 +121,12 @@ def _rank_key(score, ROUND: tl.constexpr, KEY16: tl.constexpr):
     return key
 
 
+def _tie_cut(tied, need, offs, N_PAD: tl.constexpr):
+    """The channel of the `need`-th tied key (those up to it are kept)."""
+    rank = tl.cumsum(tied.to(tl.int32), axis=0)
+    return tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
+
+
 def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
     """Threshold of one token's Top-K: the k-th largest key T, and the channel index up to which
@@ -147,9 +153,8 @@ def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.conste
         need = K - above_top - tl.sum(tl.where(bins > low, fine, 0), axis=0)
         cut = F
         if tl.sum(tl.where(bins == low, fine, 0), axis=0) > need:  # ties at T: keep the first `need`
-            tied = ok & (_rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16) == thr)
-            rank = tl.cumsum(tied.to(tl.int32), axis=0)
-            cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
+            key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+            cut = _tie_cut(ok & (key == thr), need, offs, N_PAD)
     else:
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
@@ -167,8 +172,7 @@ def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.conste
         need = K - tl.sum(above.to(tl.int32), axis=0)
         cut = F
         if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
-            rank = tl.cumsum(tied.to(tl.int32), axis=0)
-            cut = tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
+            cut = _tie_cut(tied, need, offs, N_PAD)
     return thr, cut
 
 
@@ -389,8 +393,9 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _row_threshold, _x_dot_tile,
-                                                 _z_dot_tile, _rows_times_x, _add_down_rows, _updown_rows)}
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _row_threshold,
+                                                 _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
+                                                 _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
