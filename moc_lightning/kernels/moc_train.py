@@ -134,9 +134,12 @@ if TRITON_AVAILABLE:
         return sig, g * sig, sig * (1.0 + g * (1.0 - sig))
 
     @triton.jit
-    def _row_block(n_rows, BLOCK_R: tl.constexpr):
-        """This program's BLOCK_R rows: their numbers, which exist, and int64 row offsets (rows, 1)."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    def _row_block(n_rows, BLOCK_R: tl.constexpr, block=None):
+        """Row block `block` (default: this program's) of BLOCK_R rows: their numbers, which
+        exist, and int64 row offsets (rows, 1)."""
+        if block is None:
+            block = tl.program_id(0)
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         return rows, rows < n_rows, rows.to(tl.int64)[:, None]
 
     # --- any indices: gather, then scatter into zeroed rows --------------------------------------
@@ -300,9 +303,8 @@ if TRITON_AVAILABLE:
         n_blocks = tl.cdiv(n_groups, GROUPS)
         pid = tl.program_id(0)
         row_block = pid // n_blocks
-        rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
-        groups = (pid - row_block * n_blocks) * GROUPS + tl.arange(0, GROUPS)
-        return rows, rows < n_rows, rows.to(tl.int64)[:, None], groups
+        rows, row_ok, r = _row_block(n_rows, BLOCK_R, row_block)
+        return rows, row_ok, r, (pid - row_block * n_blocks) * GROUPS + tl.arange(0, GROUPS)
 
     @triton.jit
     def _group_forward_kernel(G, U, ZD, IX, GS, US, SS, ZS, n_rows, width, s_g, s_u, s_zd, s_c,
