@@ -64,7 +64,7 @@ def saved_mask(saved: torch.Tensor, rows: int, d_ffn: int) -> torch.Tensor:
     """The 0/1 float64 mask (rows x d_ffn) of what MoC saved: kept channels' indices, or a
     bitmask (uint8) of them."""
     if saved.dtype == torch.uint8:
-        return topk_triton.mask_to_indices(saved, d_ffn).double()
+        return topk_triton.mask_to_dense(saved, d_ffn).double()
     return torch.zeros(rows, d_ffn, dtype=torch.float64).scatter_(1, saved.long(), 1.0)
 
 

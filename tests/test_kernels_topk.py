@@ -221,7 +221,7 @@ def test_row_topk_mask_keeps_a_stable_sorts_channels(interpret, width, k, ties):
     mask = topk_triton.row_topk_mask(scores, k)
     assert mask.dtype == torch.uint8 and mask.shape == (5, topk_triton.mask_bytes(width))
     assert topk_triton.mask_bytes(width) % 4 == 0 and topk_triton.mask_bytes(width) * 8 >= width
-    assert torch.equal(topk_triton.mask_to_indices(mask, width), stable_mask(scores, k))
+    assert torch.equal(topk_triton.mask_to_dense(mask, width), stable_mask(scores, k))
     bits = (mask.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1
     assert int(bits.view(5, -1)[:, width:].sum()) == 0, "bits past the row must be zero"
     assert torch.equal(mask, topk_triton.mask_from_indices(topk_triton.row_topk(scores, k), width))
@@ -233,7 +233,7 @@ def test_row_topk_mask_of_other_rows_comes_from_indices(interpret, dtype, width)
     indices."""
     scores = random_scores(4, width, dtype, ties=True)
     mask = topk_triton.row_topk_mask(scores, 9)
-    assert torch.equal(topk_triton.mask_to_indices(mask, width), stable_mask(scores, 9))
+    assert torch.equal(topk_triton.mask_to_dense(mask, width), stable_mask(scores, 9))
 
 
 def test_mask_from_indices_sets_bit_b_of_word_w_for_channel_32w_plus_b():
@@ -409,4 +409,4 @@ def test_select_channel_mask_from_any_backend(interpret, placement):
     for backend in ("torch", "triton"):
         mask = select_channel_mask(g, k=9, placement=placement, backend=backend)
         assert mask.shape == (6, topk_triton.mask_bytes(70))
-        assert torch.equal(topk_triton.mask_to_indices(mask, 70), want), backend
+        assert torch.equal(topk_triton.mask_to_dense(mask, 70), want), backend

@@ -69,7 +69,7 @@ def mask_is_topk(scores: torch.Tensor, mask: torch.Tensor, k: int) -> bool:
     rows, width = scores.shape
     if mask.dtype != torch.uint8 or mask.shape != (rows, topk_triton.mask_bytes(width)):
         return False
-    kept = topk_triton.mask_to_indices(mask, width)
+    kept = topk_triton.mask_to_dense(mask, width)
     if not bool((kept.sum(dim=1) == k).all()) or int(topk_triton.mask_bits(mask)[:, width:].sum()):
         return False
     idx = kept.nonzero()[:, 1].view(rows, k)

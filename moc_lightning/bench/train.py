@@ -100,7 +100,7 @@ def _run_capturing_mask(module, x, grad_out, d_ffn):
     grads = torch.autograd.grad(out, [xg, *module.parameters()], grad_out)
     rows = x.shape[0]
     if kept[0].dtype == torch.uint8:
-        mask = topk_triton.mask_to_indices(kept[0], d_ffn).double()
+        mask = topk_triton.mask_to_dense(kept[0], d_ffn).double()
         extra = kept[0].numel() - index_dtype(d_ffn).itemsize * rows * int(mask[0].sum())
     else:
         mask = torch.zeros(rows, d_ffn, device=x.device, dtype=torch.float64).scatter_(1, kept[0].long(), 1.0)

@@ -633,8 +633,8 @@ def mask_bits(mask: torch.Tensor) -> torch.Tensor:
     return bits.view(mask.shape[0], -1)
 
 
-def mask_to_indices(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """The kept channels of a bitmask as a 0/1 tensor (rows x width, bool)."""
+def mask_to_dense(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The kept channels of a bitmask as a dense bool tensor (rows x width): True where kept."""
     return mask_bits(mask)[:, :width].bool()
 
 
