@@ -22,9 +22,9 @@ from moc_lightning.kernels.moc_decode import DecodeScratch, LaunchConfig, moc_de
 D, D_FFN = 48, 172  # 172 is not a multiple of the 16/32-channel blocks, 172 % 8 = 4, 172 % 5 = 2
 SMALL = LaunchConfig(gate_block_c=16, gate_block_d=32, updown_block_c=32, updown_block_d=32)
 # One token in one launch on the GPU (gate, select, up/down, finish; grid barriers between them),
-# here one launch a phase.
+# here one launch a phase; a:b groups add their partials with atomics, the last program finishing.
 FUSED = LaunchConfig(gate_block_c=8, gate_block_d=64, updown_block_c=16, updown_block_d=64, fused=True,
-                     gate_in_updown=True)
+                     gate_in_updown=True, atomic_sum=True)
 
 
 def weights(d=D, d_ffn=D_FFN, dtype=torch.float32):
@@ -80,10 +80,13 @@ def test_matches_float64_reference(rows, group, placement):
     # one cooperative launch with grid barriers, here one launch a phase
     LaunchConfig(gate_block_c=8, gate_block_d=64, updown_block_c=16, updown_block_d=64, fused=True,
                  gate_in_updown=True),
+    # a:b groups: partials added with float32 atomics, the last program writes the output
+    LaunchConfig(updown_block_c=16, updown_block_d=64, gate_block_d=64, atomic_sum=True),
     # fused, the partials summed in memory (d_model wider than a tile), two programs per "SM"
     LaunchConfig(gate_block_c=4, gate_block_d=16, updown_block_c=16, updown_block_d=16, updown_rows=4, fused=True,
                  gate_in_updown=True, programs_per_sm=2, finish_block_d=8),
-], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl", "fused-gate-in-updown", "fused-partials-in-memory"])
+], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl", "fused-gate-in-updown", "atomic-sum",
+     "fused-partials-in-memory"])
 def test_other_launch_configs(rows, config):
     wg, wu, wd = weights()
     x = torch.randn(rows, D)
@@ -132,6 +135,7 @@ def test_scratch_is_left_clean_and_reused(config):
     one = run(x[:1], wg, wu, wd, k=40, scratch=scratch, config=config)
     assert not scratch.hist.any() and not scratch.fine.any() and scratch.sync.item() == 0
     grouped = run(x[:3], wg, wu, wd, k=40, group="2:8", scratch=scratch, config=config)
+    assert not scratch.sum.any() and scratch.sync.item() == 0
     again = run(x, wg, wu, wd, k=40, scratch=scratch, config=config)
     assert torch.equal(first, again)  # the partials are added in a fixed order: bit for bit
     assert torch.allclose(one, first[:1], atol=1e-6)

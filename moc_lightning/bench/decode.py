@@ -166,20 +166,21 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 # the entry itself), so they follow the defaults: stop 15's choices, programmatic dependent launch
 # on for the row Top-K at batch 1 and for a:b groups at every batch.
 FUSED = dict(fused=True)  # the finish in the up/down launch (a cooperative launch, grid barrier)
+ATOMIC = dict(atomic_sum=True)  # a:b groups: partials added with atomics, the last program finishes
 # Row Top-K at batch 1, one launch: each program's own gate channels, gate_block_c at a time, the
 # loop software-pipelined gate_stages deep, then the select and up/down, then the finish.
 ONE_LAUNCH = dict(fused=True, gate_in_updown=True, gate_block_c=8, gate_stages=2)
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
-    # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these.
+    # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's first
+    # sweep (H200) also timed the one launch with 8-channel gate blocks 1, 2 or 3 stages deep
+    # (23.0-25.0 us), 16- or 4-channel blocks (24.5, 25.0), 8 warps (24.5), 16 row slots (24.9),
+    # without PDL (25.6) and with the finish launched apart (26.3), against 21.6-22.4 for these.
     1: [dict(), dict(pdl=False), dict(finish_block_d=32),
         dict(SINGLE, updown_rows=16, finish_block_d=32),  # stop 14's up/down and finish
         dict(SINGLE, finish_block_d=64), dict(FUSED),
-        dict(ONE_LAUNCH), dict(ONE_LAUNCH, gate_stages=3), dict(ONE_LAUNCH, gate_stages=1),
-        dict(ONE_LAUNCH, gate_block_c=16), dict(ONE_LAUNCH, gate_block_c=4, gate_stages=4),
         dict(ONE_LAUNCH, programs_per_sm=2), dict(ONE_LAUNCH, programs_per_sm=2, gate_block_c=4, gate_stages=3),
-        dict(ONE_LAUNCH, updown_warps=8), dict(ONE_LAUNCH, updown_rows=16), dict(ONE_LAUNCH, pdl=False),
-        dict(ONE_LAUNCH, fused=False)],
+        dict(ONE_LAUNCH, programs_per_sm=3, gate_block_c=4, gate_stages=3)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16),
         dict(DOT, updown_block_d=128, **FUSED)],
@@ -193,7 +194,8 @@ SWEEP_GROUP = {
     1: [dict(), dict(pdl=False), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2),
         dict(finish_block_d=32), dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
         dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32),  # stop 14's: 21.3 us
-        dict(FUSED), dict(FUSED, pdl=False), dict(FUSED, finish_block_d=8), dict(FUSED, updown_block_c=32, updown_rows=8)],
+        dict(FUSED), dict(ATOMIC), dict(ATOMIC, pdl=False), dict(ATOMIC, updown_warps=2),
+        dict(ATOMIC, updown_block_c=32, updown_rows=8)],
     2: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
         dict(GROUP_DOT, **FUSED)],
     4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),

@@ -362,7 +362,7 @@ def _select_kernel(g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.
 
 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr, out_ptr,
-                   sync_ptr, D, F, K, C, GROUP_A, GROUP_B, B, MAXR,
+                   sync_ptr, sum_ptr, D, F, K, C, GROUP_A, GROUP_B, B, MAXR,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    R: tl.constexpr, SINGLE: tl.constexpr, GATE_C: tl.constexpr, GATE_D: tl.constexpr,
                    GATE_STAGES: tl.constexpr, GATE_ONE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
@@ -370,7 +370,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, w
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, PDL: tl.constexpr,
                    RUN_GATE: tl.constexpr, RUN_UPDOWN: tl.constexpr, RUN_FINISH: tl.constexpr,
                    BARRIER: tl.constexpr, P_BLOCK: tl.constexpr, FINISH_D: tl.constexpr,
-                   CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr):
+                   CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr, ATOMIC_SUM: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
 
@@ -378,7 +378,11 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, w
     between them: RUN_GATE (row Top-K: G and the histograms for this program's own C channels),
     RUN_UPDOWN (the above), RUN_FINISH (the partials summed over a slice of columns, as
     `_finish_kernel` does). Without BARRIER (the CPU interpreter runs programs one at a time)
-    each phase is its own launch of this kernel, in order, on the same grid."""
+    each phase is its own launch of this kernel, in order, on the same grid.
+
+    ATOMIC_SUM (a:b groups, SINGLE): the partial is added to sum_ptr with float32 atomics, and the
+    program that takes the last ticket writes the output and zeroes the sum (no finish launch and
+    no barrier: no program waits on another)."""
     _after_previous(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -440,7 +444,19 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, w
             sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
             acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
                                tok_ok, D, T, R, BLOCK_D, SINGLE, USE_DOT, IEEE)
-        if SINGLE:
+        if ATOMIC_SUM:
+            cols = tl.arange(0, BLOCK_D)
+            ok = tok_ok[:, None] & (cols < D)[None, :]
+            if n_needed > 0:
+                tl.atomic_add(sum_ptr + tok[:, None] * D + cols[None, :], acc, mask=ok, sem="relaxed")
+            tl.debug_barrier()
+            # The ticket is a release of this program's adds and, for the last one, an acquire of all.
+            if tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
+                total = tl.load(sum_ptr + tok[:, None] * D + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + tok[:, None] * D + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=ok)
+                tl.store(sum_ptr + tok[:, None] * D + cols[None, :], tl.zeros((T, BLOCK_D), dtype=tl.float32), mask=ok)
+                tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        elif SINGLE:
             cols = tl.arange(0, BLOCK_D)
             tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
         else:
@@ -535,6 +551,10 @@ class LaunchConfig:
     gate_in_updown: bool = False
     programs_per_sm: int = 1
     gate_stages: int = 1  # gate_in_updown: >1 software-pipelines the loop over gate blocks
+    # a:b groups with whole rows in one tile (d_model <= updown_block_d): the up/down programs add
+    # their partials with float32 atomics and the last one writes the output (no finish launch).
+    # The order of the additions varies, so the output is not bit-for-bit reproducible.
+    atomic_sum: bool = False
 
     def __post_init__(self):
         if self.updown_block_c < 16:
@@ -592,8 +612,10 @@ class DecodeScratch:
         # of two fills a little over half its lanes), hence at most this many updown programs.
         self.max_programs = -(-d_ffn // 8) + 1
         self.part = torch.empty(self.max_programs, max_rows, d_model, dtype=torch.float32, device=device)
-        # Arrivals at the grid barriers of a fused launch; its last program leaves it at zero.
+        # Arrivals at the grid barriers of a fused launch (or tickets of an atomic sum); the last
+        # program leaves it at zero. The atomic sum's buffer, likewise left zeroed.
         self.sync = torch.zeros(1, dtype=torch.int32, device=device)
+        self.sum = torch.zeros(max_rows, d_model, dtype=torch.float32, device=device)
 
     def clear_counts(self) -> None:
         """Zero the histograms (after gate launches run without their finish, as a benchmark does)."""
@@ -708,15 +730,17 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
     clear = dict(CLEAR_HIST=group is None, CLEAR_FINE=group is None and rank["KEY16"])
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
-    updown_args = (x, w_gate, s.g, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, out, s.sync, d_model, d_ffn,
+    atomic = cfg.atomic_sum and group is not None and d_model <= cfg.updown_block_d
+    updown_args = (x, w_gate, s.g, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, out, s.sync, s.sum, d_model, d_ffn,
                    k, channels, group_a, group_b, rows, s.max_rows)
     updown_kw = dict(BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
                      R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_C=cfg.gate_block_c, GATE_D=cfg.gate_block_d,
                      GATE_STAGES=cfg.gate_stages, GATE_ONE=d_model <= cfg.gate_block_d,
                      SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, P_BLOCK=p_block,
-                     FINISH_D=cfg.finish_block_d, num_warps=cfg.updown_warps, **common, **rank, **clear)
-    phases = {"gate": gate_here, "updown": True, "finish": cfg.fused}
-    if (gate_here or cfg.fused) and not interpreting():
+                     FINISH_D=cfg.finish_block_d, ATOMIC_SUM=atomic, num_warps=cfg.updown_warps, **common, **rank,
+                     **clear)
+    phases = {"gate": gate_here, "updown": True, "finish": cfg.fused and not atomic}
+    if (gate_here or phases["finish"]) and not interpreting():
         # One cooperative launch, grid barriers between its phases (on sm_90 it may also be PDL-chained).
         stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
             *updown_args, RUN_GATE=phases["gate"], RUN_UPDOWN=True, RUN_FINISH=phases["finish"], BARRIER=True,
@@ -730,7 +754,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                     lambda name: _kernel(_updown_kernel)[(grid,)](
                         *updown_args, RUN_GATE=name == "gate", RUN_UPDOWN=name == "updown",
                         RUN_FINISH=name == "finish", BARRIER=False, **updown_kw, **launch), name)
-    if not cfg.fused:
+    if not cfg.fused and not atomic:
         finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
         stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
             s.part, out, s.hist, s.fine, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
