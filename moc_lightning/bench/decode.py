@@ -165,43 +165,31 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 # Candidates are changes to the current LAUNCH_CONFIGS / GROUPED_LAUNCH_CONFIGS entry (`dict()` is
 # the entry itself), so they follow the defaults: stop 15's choices, programmatic dependent launch
 # on for the row Top-K at batch 1 and for a:b groups at every batch.
-FUSED = dict(fused=True)  # the finish in the up/down launch (a cooperative launch, grid barrier)
-ATOMIC = dict(atomic_sum=True)  # a:b groups: partials added with atomics, the last program finishes
-# Row Top-K at batch 1, one launch: each program's own gate channels, gate_block_c at a time, the
-# loop software-pipelined gate_stages deep, then the select and up/down, then the finish.
-ONE_LAUNCH = dict(fused=True, gate_in_updown=True, gate_block_c=8, gate_stages=2)
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
-    # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's first
-    # sweep (H200) also timed the one launch with 8-channel gate blocks 1, 2 or 3 stages deep
-    # (23.0-25.0 us), 16- or 4-channel blocks (24.5, 25.0), 8 warps (24.5), 16 row slots (24.9),
-    # without PDL (25.6) and with the finish launched apart (26.3), against 21.6-22.4 for these.
+    # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these.
     1: [dict(), dict(pdl=False), dict(finish_block_d=32),
         dict(SINGLE, updown_rows=16, finish_block_d=32),  # stop 14's up/down and finish
-        dict(SINGLE, finish_block_d=64), dict(FUSED),
-        dict(ONE_LAUNCH, programs_per_sm=2), dict(ONE_LAUNCH, programs_per_sm=2, gate_block_c=4, gate_stages=3),
-        dict(ONE_LAUNCH, programs_per_sm=3, gate_block_c=4, gate_stages=3)],
+        dict(SINGLE, finish_block_d=64),
+        # With the ties counted on the keys row (stop 16) a program's select no longer reads the
+        # whole row, so narrower up/down programs (more of them, fewer kept rows each) may pay.
+        dict(updown_block_c=16, updown_rows=4), dict(updown_block_c=16, updown_rows=8),
+        dict(updown_block_c=16, updown_rows=4, updown_warps=2), dict(updown_rows=16)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16),
-        dict(DOT, updown_block_d=128, **FUSED)],
+        dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), dict(DOT, updown_block_d=128, **FUSED)],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), dict(DOT, updown_block_d=128, **FUSED)],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
 SWEEP_GROUP = {
     1: [dict(), dict(pdl=False), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2),
         dict(finish_block_d=32), dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
-        dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32),  # stop 14's: 21.3 us
-        dict(FUSED), dict(ATOMIC), dict(ATOMIC, pdl=False), dict(ATOMIC, updown_warps=2),
-        dict(ATOMIC, updown_block_c=32, updown_rows=8)],
-    2: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        dict(GROUP_DOT, **FUSED)],
-    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        dict(GROUP_DOT, **FUSED)],
-    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        dict(GROUP_DOT, **FUSED)],
+        dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32)],  # stop 14's: 21.3 us
+    2: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
 }
 
 
@@ -319,18 +307,14 @@ def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, t
     layout = module.decode_layout
     cfg = module.cfg
     parts = {}
-    # The default's launches one by one: a fused default (its phases in one launch, grid barriers
-    # between them) is timed as the same blocks in separate launches.
-    chain = dataclasses.replace(kernel.launch_config(x.shape[0]), fused=False, gate_in_updown=False)
     if kind == "moc":
         _, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch,
-                                         select_in_updown=False, config=chain)
+                                         select_in_updown=False)
         parts = {"gate": stages["gate"], "topk": stages["select"], "up_down": stages["updown"], "finish": stages["finish"]}
     else:  # the gate, selection, up and down in one launch; the row path's gate GEMV reads the same W_gate
         row_module = layer.moc
         _, stages = kernel.decode_stages(x, wg, wu, row_module.decode_layout.w_down_t, k=K,
-                                         scratch=row_module.decode_layout.scratch, select_in_updown=False,
-                                         config=chain)
+                                         scratch=row_module.decode_layout.scratch, select_in_updown=False)
         parts = {"gate": stages["gate"]}
     scratch = layer.moc.decode_layout.scratch  # the row path's, which the gate launch counts into
     timed = {}
@@ -346,13 +330,11 @@ def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, t
     torch.cuda.synchronize()
     scratch.clear_counts()  # no finish ran after the last gate launch here
     if kind == "moc":
-        # The launches timed alone are the (chained) step's: run once in order from clean counts,
-        # they give its output bit for bit.
-        layout.config = chain
+        # The launches timed alone are the step's: run once in order from clean counts, they give
+        # its output bit for bit.
         step_out = module(x)
-        layout.config = None
         staged, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch,
-                                              select_in_updown=False, config=chain)
+                                              select_in_updown=False)
         for launch in stages.values():
             launch()
         out.check(f"breakdown/{kind}/stages_give_the_step", torch.equal(staged, step_out), **ctx)

@@ -42,7 +42,6 @@ then (compiled, or TRITON_INTERPRET=1 for CPU tests).
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -78,12 +77,6 @@ def pdl_runs_on(device: torch.device) -> bool:
     """Programmatic dependent launch: compiled kernels on a CUDA device of compute capability 9+."""
     device = torch.device(device)
     return HAS_PDL and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 8 stand-in ones for the CPU interpreter."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def interpreting() -> bool:
@@ -134,35 +127,46 @@ def _tie_cut(tied, need, offs, N_PAD: tl.constexpr):
     return tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
 
 
-def _row_threshold(g_row_ptr, hist_row_ptr, fine_row_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
-                   POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _row_threshold(g_row_ptr, key_row_ptr, hist_row_ptr, fine_row_ptr, F, K, B0, W: tl.constexpr,
+                   N_PAD: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr,
+                   RADIX_BITS: tl.constexpr):
     """Threshold of one token's Top-K: the k-th largest key T, and the channel index up to which
-    channels whose key equals T are kept, so that exactly K are kept. Returns (T, cut).
+    channels whose key equals T are kept, so that exactly K are kept. Returns (T, cut); the cut is
+    right for the channels of the window [B0, B0 + W) (the whole row: B0 = 0, W = N_PAD).
 
     T's top byte comes from the histogram of key top bytes the gate kernel's programs built with
     atomics (in an earlier launch; `_finish_kernel` zeroes it). 16-bit keys: the low byte comes
-    from the fine histogram (one bin per key), 256 bins under the top byte, so the select is two
-    1 KB loads and two scans; G's keys are used only where they tie at T beyond what K takes. 32-bit keys:
-    the lower bits are searched, a CTA-wide count per RADIX_BITS round."""
-    offs = tl.arange(0, N_PAD)
-    ok = offs < F
-    g = tl.load(g_row_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")  # in flight with the histogram loads
+    from the fine histogram (one bin per key), 256 bins under the top byte, so T is two 1 KB
+    loads and two scans. Where keys tie at T beyond what K takes, the window's own tied channels
+    are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has before B0: a
+    count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
+    CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
-    hist = tl.load(hist_row_ptr + bins, cache_modifier=".cg")
+    hist = tl.load(hist_row_ptr + bins)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
     top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
     if KEY16:
+        offs = tl.arange(0, N_PAD)
+        before = offs < B0
+        win = B0 + tl.arange(0, W)
+        win_ok = win < F
+        # both key loads in flight with the fine histogram's (only ties need them)
+        keys_before = tl.load(key_row_ptr + offs, mask=before, other=0).to(tl.int32) & 0xFFFF
+        keys_win = tl.load(key_row_ptr + win, mask=win_ok, other=0).to(tl.int32) & 0xFFFF
         above_top = tl.sum(tl.where(bins > top, hist, 0), axis=0)
-        fine = tl.load(fine_row_ptr + top * 256 + bins, cache_modifier=".cg")
+        fine = tl.load(fine_row_ptr + top * 256 + bins)
         fine_at_or_above = above_top + tl.sum(fine, axis=0) - tl.cumsum(fine, axis=0) + fine
         low = tl.max(tl.where(fine_at_or_above >= K, bins, 0), axis=0)
         thr = top * 256 + low
         need = K - above_top - tl.sum(tl.where(bins > low, fine, 0), axis=0)
         cut = F
         if tl.sum(tl.where(bins == low, fine, 0), axis=0) > need:  # ties at T: keep the first `need`
-            key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
-            cut = _tie_cut(ok & (key == thr), need, offs, N_PAD)
+            rest = need - tl.sum((before & (keys_before == thr)).to(tl.int32), axis=0)  # kept from B0 on
+            cut = tl.where(rest > 0, _tie_cut(win_ok & (keys_win == thr), rest, win, N_PAD), -1)
     else:
+        offs = tl.arange(0, N_PAD)
+        ok = offs < F
+        g = tl.load(g_row_ptr + offs, mask=ok, other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         # T = the largest t with #(key >= t) >= K: the top byte, then RADIX_BITS bits a round.
         thr = (tl.min(key, axis=0) * 0 + top) << 24  # the key's type (int64 keys: no overflow)
@@ -221,25 +225,16 @@ def _z_dot_tile(z, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr
 
 
 def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, D, T: tl.constexpr, R: tl.constexpr,
-                  BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ONE_TILE: tl.constexpr = False):
-    """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R). Rows masked off are never read.
-    ONE_TILE: D <= BLOCK_D, no loop (so a loop around this call is the innermost, which Triton
-    can software-pipeline)."""
+                  BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R). Rows masked off are never read."""
     acc = tl.zeros((T, R), dtype=tl.float32)
     row_base = rows.to(tl.int64) * D
-    if ONE_TILE:
-        cols = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
         acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
     return acc
 
 
@@ -283,204 +278,106 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
 
 
 
-def _gate_block(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, ch, ch_ok, tok, tok_ok, D, F,
-                T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
-                IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr,
-                ONE_TILE: tl.constexpr = False):
-    """G for the channels ch and all tokens, and their counts in the histogram of key top bytes
-    (and, 16-bit keys, in the fine histogram of whole keys)."""
-    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE, ONE_TILE)
+def _gate_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, D, F, B,
+                 T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr,
+                 KEY16: tl.constexpr, PDL: tl.constexpr):
+    """G for BLOCK_C channels and all tokens, and their counts in the histogram of key top bytes
+    (and, 16-bit keys, in the fine histogram of whole keys; the keys are also written, 2 bytes a
+    channel, for the select's ties)."""
+    _after_previous(PDL)
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < F
+    tok = tl.arange(0, T)
+    tok_ok = tok < B
+    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE)
     valid = tok_ok[:, None] & ch_ok[None, :]
     tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
-    # The select's first step, spread over all programs. Relaxed adds: only later launches (or
-    # phases, past a grid barrier) read it.
+    # The select's first step, spread over all programs. Relaxed adds: only later launches read it.
     KEY_BITS: tl.constexpr = 16 if KEY16 else 32
     key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
     top = (key >> (KEY_BITS - 8)).to(tl.int32)
     tl.atomic_add(hist_ptr + tok[:, None] * 256 + top, 1, mask=valid, sem="relaxed")
     if KEY16:
         tl.atomic_add(fine_ptr + tok[:, None] * 65536 + key, 1, mask=valid, sem="relaxed")
+        tl.store(keys_ptr + tok[:, None] * F + ch[None, :], key.to(tl.int16), mask=valid)  # 0..65535 wrapped
 
 
-def _gate_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, D, F, B,
-                 T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr,
-                 KEY16: tl.constexpr, PDL: tl.constexpr):
-    """G and its histogram counts for BLOCK_C channels a program."""
-    _after_previous(PDL)
-    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tok = tl.arange(0, T)
-    _gate_block(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, ch, ch < F, tok, tok < B, D, F, T, BLOCK_C, BLOCK_D,
-                USE_DOT, IEEE, ROUND, POST_SILU, KEY16)
-
-
-def _grid_barrier(sync_ptr, target):
-    """Wait until the counter at sync_ptr has counted `target` arrivals (this program's included).
-    Every program of the launch must be resident at once (a cooperative launch), or this waits
-    forever. Writes before it are seen by L2 reads (.cg) after it: the arrival is a release, the
-    wait an acquire, and the CTA barriers order the other threads' accesses around them."""
-    tl.debug_barrier()
-    tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-    seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
-        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-def _column_sum(part_ptr, t, cols, col_ok, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Token t's partials of P programs summed over the BLOCK_D columns cols, in program order
-    (the output is deterministic): a whole (P_BLOCK, BLOCK_D) tile a round, loads in flight together."""
-    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for p0 in range(0, P, P_BLOCK):
-        ps = p0 + tl.arange(0, P_BLOCK)
-        tile = tl.load(part_ptr + ps.to(tl.int64)[:, None] * MAXR * D + t * D + cols[None, :],
-                       mask=(ps < P)[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
-        total += tl.sum(tile, axis=0)
-    return total
-
-
-def _clear_counts(hist_ptr, fine_ptr, t, pid, nprog, CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr):
-    """Zero token t's histograms for the next call: the coarse one by program 0, the fine one
-    (256 KB) in 4 KB stripes spread over the programs."""
-    if CLEAR_HIST:
-        if pid == 0:
-            bins = tl.arange(0, 256)
-            tl.store(hist_ptr + t * 256 + bins, tl.zeros((256,), dtype=tl.int32))
-    if CLEAR_FINE:
-        for f0 in range(pid * 1024, 65536, nprog * 1024):
-            tl.store(fine_ptr + t * 65536 + f0 + tl.arange(0, 1024), tl.zeros((1024,), dtype=tl.int32))
-
-
-def _select_kernel(g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
+def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr, PDL: tl.constexpr):
     _after_previous(PDL)
     t = tl.program_id(0)
-    thr, cut = _row_threshold(g_ptr + t * F, hist_ptr + t * 256, fine_ptr + t * 65536, F, K, N_PAD, ROUND,
-                              POST_SILU, KEY16, RADIX_BITS)
+    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist_ptr + t * 256, fine_ptr + t * 65536, F, K, 0,
+                              N_PAD, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
     tl.store(thr_ptr + t, thr.to(tl.int64))
     tl.store(cut_ptr + t, cut)
 
 
-def _updown_kernel(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr, out_ptr,
-                   sync_ptr, sum_ptr, D, F, K, C, GROUP_A, GROUP_B, B, MAXR,
+def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
+                   D, F, K, GROUP_A, GROUP_B, B, MAXR,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   R: tl.constexpr, SINGLE: tl.constexpr, GATE_C: tl.constexpr, GATE_D: tl.constexpr,
-                   GATE_STAGES: tl.constexpr, GATE_ONE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
+                   R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
+                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
-                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, PDL: tl.constexpr,
-                   RUN_GATE: tl.constexpr, RUN_UPDOWN: tl.constexpr, RUN_FINISH: tl.constexpr,
-                   BARRIER: tl.constexpr, P_BLOCK: tl.constexpr, FINISH_D: tl.constexpr,
-                   CLEAR_HIST: tl.constexpr, CLEAR_FINE: tl.constexpr, ATOMIC_SUM: tl.constexpr):
+                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
-    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
-
-    Fused launches (`LaunchConfig.fused`) run up to three phases in one launch, a grid barrier
-    between them: RUN_GATE (row Top-K: G and the histograms for this program's own C channels),
-    RUN_UPDOWN (the above), RUN_FINISH (the partials summed over a slice of columns, as
-    `_finish_kernel` does). Without BARRIER (the CPU interpreter runs programs one at a time)
-    each phase is its own launch of this kernel, in order, on the same grid.
-
-    ATOMIC_SUM (a:b groups, SINGLE): the partial is added to sum_ptr with float32 atomics, and the
-    program that takes the last ticket writes the output and zeroes the sum (no finish launch and
-    no barrier: no program waits on another)."""
+    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them."""
     _after_previous(PDL)
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
     tok_ok = tok < B
-    arrivals = 0
-    if RUN_GATE:  # row Top-K: the gate of this program's channels, GATE_C at a time
-        for c0 in tl.range(pid * C, tl.minimum(pid * C + C, F), GATE_C, num_stages=GATE_STAGES):
-            gch = c0 + tl.arange(0, GATE_C)
-            _gate_block(x_ptr, wg_ptr, g_ptr, hist_ptr, fine_ptr, gch, (gch < pid * C + C) & (gch < F), tok, tok_ok,
-                        D, F, T, GATE_C, GATE_D, USE_DOT, IEEE, ROUND, POST_SILU, KEY16, GATE_ONE)
-        if BARRIER:
-            arrivals += nprog
-            _grid_barrier(sync_ptr, arrivals)
-    if RUN_UPDOWN:
-        if GROUPED:
-            # Whole groups per block: lane i is member i % GROUP_P2 of group i // GROUP_P2.
-            member = lane % GROUP_P2
-            ch = (pid * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
-            ch_ok = (member < GROUP_B) & (ch < F)
-            g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
-            score = _rank_score(g, ROUND, POST_SILU)
-            # rank of lane i in its group = #members j that outrank it (ties: lower channel first)
-            same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
-            s_i = score[:, :, None]
-            s_j = score[:, None, :]
-            beats = same[None, :, :] & ((s_j > s_i) | ((s_j == s_i) & (lane[None, None, :] < lane[None, :, None])))
-            rank = tl.sum(beats.to(tl.int32), axis=2)
-            sel = (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
+    if GROUPED:
+        # Whole groups per block: lane i is member i % GROUP_P2 of group i // GROUP_P2.
+        member = lane % GROUP_P2
+        ch = (tl.program_id(0) * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
+        ch_ok = (member < GROUP_B) & (ch < F)
+        g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
+        score = _rank_score(g, ROUND, POST_SILU)
+        # rank of lane i in its group = #members j that outrank it (ties: lower channel first)
+        same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
+        s_i = score[:, :, None]
+        s_j = score[:, None, :]
+        beats = same[None, :, :] & ((s_j > s_i) | ((s_j == s_i) & (lane[None, None, :] < lane[None, :, None])))
+        rank = tl.sum(beats.to(tl.int32), axis=2)
+        sel = (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
+    else:
+        ch = tl.program_id(0) * BLOCK_C + lane
+        ch_ok = ch < F
+        g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
+        key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+        if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
+            thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist_ptr, fine_ptr, F, K, tl.program_id(0) * BLOCK_C,
+                                          BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+            thr = tl.zeros((T,), dtype=tl.int64) + thr_1
+            cut = tl.zeros((T,), dtype=tl.int32) + cut_1
         else:
-            ch = pid * C + lane
-            ch_ok = (lane < C) & (ch < F)
-            g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0,
-                        cache_modifier=".cg")
-            key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
-            if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
-                thr_1, cut_1 = _row_threshold(g_ptr, hist_ptr, fine_ptr, F, K, N_PAD, ROUND, POST_SILU, KEY16,
-                                              RADIX_BITS)
-                thr = tl.zeros((T,), dtype=tl.int64) + thr_1
-                cut = tl.zeros((T,), dtype=tl.int32) + cut_1
-            else:
-                thr = tl.load(thr_ptr + tok, mask=tok_ok, other=0)
-                cut = tl.load(cut_ptr + tok, mask=tok_ok, other=0)
-            sel = (key > thr[:, None]) | ((key == thr[:, None]) & (ch[None, :] <= cut[:, None]))
-            sel = sel & ch_ok[None, :] & tok_ok[:, None]
-        needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
-        n_needed = tl.sum(needed.to(tl.int32), axis=0)
-        part = part_ptr + pid.to(tl.int64) * MAXR * D
-        acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
-        # Compact the needed rows into slots of R, so every load the program issues is a kept row
-        # (masked-off rows would leave the memory system idle while the tile is computed).
-        place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
-        for first in range(0, n_needed, R):
-            want = first + tl.arange(0, R)
-            match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
-            rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
-            g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
-            sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
-            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
-                               tok_ok, D, T, R, BLOCK_D, SINGLE, USE_DOT, IEEE)
-        if ATOMIC_SUM:
-            cols = tl.arange(0, BLOCK_D)
-            ok = tok_ok[:, None] & (cols < D)[None, :]
-            if n_needed > 0:
-                tl.atomic_add(sum_ptr + tok[:, None] * D + cols[None, :], acc, mask=ok, sem="relaxed")
-            tl.debug_barrier()
-            # The ticket is a release of this program's adds and, for the last one, an acquire of all.
-            if tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
-                total = tl.load(sum_ptr + tok[:, None] * D + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + tok[:, None] * D + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=ok)
-                tl.store(sum_ptr + tok[:, None] * D + cols[None, :], tl.zeros((T, BLOCK_D), dtype=tl.float32), mask=ok)
-                tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-        elif SINGLE:
-            cols = tl.arange(0, BLOCK_D)
-            tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
-        else:
-            if n_needed == 0:  # no kept row here: the partial is zero
-                for d0 in range(0, D, BLOCK_D):
-                    cols = d0 + tl.arange(0, BLOCK_D)
-                    tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
-        if RUN_FINISH:
-            if BARRIER:
-                arrivals += nprog
-                _grid_barrier(sync_ptr, arrivals)
-    if RUN_FINISH:  # every program's partial is written: sum them over this program's columns
-        for d0 in range(pid * FINISH_D, D, nprog * FINISH_D):
-            f_cols = d0 + tl.arange(0, FINISH_D)
-            f_ok = f_cols < D
-            for t in range(B):
-                total = _column_sum(part_ptr, t, f_cols, f_ok, nprog, D, MAXR, P_BLOCK, FINISH_D)
-                tl.store(out_ptr + t * D + f_cols, total.to(out_ptr.dtype.element_ty), mask=f_ok)
-        for t in range(B):
-            _clear_counts(hist_ptr, fine_ptr, t, pid, nprog, CLEAR_HIST, CLEAR_FINE)
-    if BARRIER:  # the last program here resets the counter for the next launch: all have left their waits
-        tl.debug_barrier()
-        if tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == arrivals + nprog - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+            thr = tl.load(thr_ptr + tok, mask=tok_ok, other=0)
+            cut = tl.load(cut_ptr + tok, mask=tok_ok, other=0)
+        sel = (key > thr[:, None]) | ((key == thr[:, None]) & (ch[None, :] <= cut[:, None]))
+        sel = sel & ch_ok[None, :] & tok_ok[:, None]
+    needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
+    n_needed = tl.sum(needed.to(tl.int32), axis=0)
+    part = part_ptr + tl.program_id(0).to(tl.int64) * MAXR * D
+    acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
+    # Compact the needed rows into slots of R, so every load the program issues is a kept row
+    # (masked-off rows would leave the memory system idle while the tile is computed).
+    place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
+    for first in range(0, n_needed, R):
+        want = first + tl.arange(0, R)
+        match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
+        rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
+        g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
+        sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
+        acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok, tok_ok,
+                           D, T, R, BLOCK_D, SINGLE, USE_DOT, IEEE)
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_D)
+        tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
+    else:
+        if n_needed == 0:  # no kept row here: the partial is zero
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
 
 
 def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -491,17 +388,27 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
     t = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    total = _column_sum(part_ptr, t, cols, col_ok, P, D, MAXR, P_BLOCK, BLOCK_D)
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for p0 in range(0, P, P_BLOCK):  # a whole (P_BLOCK, BLOCK_D) tile a round: loads in flight together
+        ps = p0 + tl.arange(0, P_BLOCK)
+        tile = tl.load(part_ptr + ps.to(tl.int64)[:, None] * MAXR * D + t * D + cols[None, :],
+                       mask=(ps < P)[:, None] & col_ok[None, :], other=0.0)
+        total += tl.sum(tile, axis=0)
     tl.store(out_ptr + t * D + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-    _clear_counts(hist_ptr, fine_ptr, t, tl.program_id(0), tl.num_programs(0), CLEAR_HIST, CLEAR_FINE)
+    if CLEAR_HIST:
+        if tl.program_id(0) == 0:
+            bins = tl.arange(0, 256)
+            tl.store(hist_ptr + t * 256 + bins, tl.zeros((256,), dtype=tl.int32))
+    if CLEAR_FINE:
+        for f0 in range(tl.program_id(0) * 1024, 65536, tl.num_programs(0) * 1024):
+            tl.store(fine_ptr + t * 65536 + f0 + tl.arange(0, 1024), tl.zeros((1024,), dtype=tl.int32))
 
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
 _DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _row_threshold,
                                                  _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _updown_rows, _gate_block, _grid_barrier, _column_sum,
-                                                 _clear_counts)}
+                                                 _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
@@ -543,24 +450,10 @@ class LaunchConfig:
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
     pdl: bool = False
-    # Fewer launches through grid barriers (a cooperative launch, every program resident at once):
-    # `fused` sums the partials in the up/down launch (no finish launch); `gate_in_updown` (row
-    # Top-K, one token) also computes the gate there, the grid being the SM count times
-    # `programs_per_sm`, each program on its own d_ffn / grid channels (gate_block_c at a time).
-    fused: bool = False
-    gate_in_updown: bool = False
-    programs_per_sm: int = 1
-    gate_stages: int = 1  # gate_in_updown: >1 software-pipelines the loop over gate blocks
-    # a:b groups with whole rows in one tile (d_model <= updown_block_d): the up/down programs add
-    # their partials with float32 atomics and the last one writes the output (no finish launch).
-    # The order of the additions varies, so the output is not bit-for-bit reproducible.
-    atomic_sum: bool = False
 
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
-        if self.programs_per_sm < 1:
-            raise ValueError(f"LaunchConfig.programs_per_sm = {self.programs_per_sm} must be at least 1")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -606,16 +499,14 @@ class DecodeScratch:
         self.hist = torch.zeros(max_rows, 256, dtype=torch.int32, device=device)
         # One bin per 16-bit key (bf16/fp16 ranked before SiLU): the select reads T off it.
         self.fine = torch.zeros(max_rows, 65536, dtype=torch.int32, device=device)
+        # The 16-bit keys themselves (wrapped into int16): ties at T are counted on these.
+        self.keys = torch.zeros(max_rows, d_ffn, dtype=torch.int16, device=device)
         self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
         # A block of at least 16 lanes holds at least 8 channels (a:b groups: b just above a power
         # of two fills a little over half its lanes), hence at most this many updown programs.
         self.max_programs = -(-d_ffn // 8) + 1
         self.part = torch.empty(self.max_programs, max_rows, d_model, dtype=torch.float32, device=device)
-        # Arrivals at the grid barriers of a fused launch (or tickets of an atomic sum); the last
-        # program leaves it at zero. The atomic sum's buffer, likewise left zeroed.
-        self.sync = torch.zeros(1, dtype=torch.int32, device=device)
-        self.sum = torch.zeros(max_rows, d_model, dtype=torch.float32, device=device)
 
     def clear_counts(self) -> None:
         """Zero the histograms (after gate launches run without their finish, as a benchmark does)."""
@@ -701,26 +592,18 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     stages: dict[str, Callable[[], None]] = {}
     n_pad = triton.next_power_of_2(d_ffn)
     select_here = False
-    gate_here = False
-    channels = 0  # row Top-K: channels per updown program
     if group is None:
         select_here = rows == 1 and (cfg.select_in_updown if select_in_updown is None else select_in_updown)
-        gate_here = select_here and cfg.gate_in_updown
-        if gate_here:
-            channels = triton.cdiv(d_ffn, _sm_count(x.device) * cfg.programs_per_sm)
-            block_c = max(16, triton.next_power_of_2(channels))
-        else:
-            block_c = channels = cfg.updown_block_c
-            gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
-            stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
-                x, w_gate, s.g, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c,
-                BLOCK_D=cfg.gate_block_d, num_warps=cfg.gate_warps, **common, **rank, **launch)
+        gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
+        stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
+            x, w_gate, s.g, s.keys, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
+            num_warps=cfg.gate_warps, **common, **rank, **launch)
         if not select_here:
             stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
-                s.g, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
+                s.g, s.keys, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
                 num_warps=cfg.select_warps, PDL=pdl, **rank, **launch)
-        group_a, group_b, group_p2 = 0, 1, 1
-        grid = triton.cdiv(d_ffn, channels)
+        block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
+        grid = triton.cdiv(d_ffn, block_c)
     else:
         group_a, group_b = group
         group_p2 = triton.next_power_of_2(group_b)
@@ -728,37 +611,17 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
-    clear = dict(CLEAR_HIST=group is None, CLEAR_FINE=group is None and rank["KEY16"])
+    stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
+        x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, d_model, d_ffn, k, group_a, group_b, rows,
+        s.max_rows, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
+        R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
+        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch)
+    finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
-    atomic = cfg.atomic_sum and group is not None and d_model <= cfg.updown_block_d
-    updown_args = (x, w_gate, s.g, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, out, s.sync, s.sum, d_model, d_ffn,
-                   k, channels, group_a, group_b, rows, s.max_rows)
-    updown_kw = dict(BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
-                     R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_C=cfg.gate_block_c, GATE_D=cfg.gate_block_d,
-                     GATE_STAGES=cfg.gate_stages, GATE_ONE=d_model <= cfg.gate_block_d,
-                     SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, P_BLOCK=p_block,
-                     FINISH_D=cfg.finish_block_d, ATOMIC_SUM=atomic, num_warps=cfg.updown_warps, **common, **rank,
-                     **clear)
-    phases = {"gate": gate_here, "updown": True, "finish": cfg.fused and not atomic}
-    if (gate_here or phases["finish"]) and not interpreting():
-        # One cooperative launch, grid barriers between its phases (on sm_90 it may also be PDL-chained).
-        stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
-            *updown_args, RUN_GATE=phases["gate"], RUN_UPDOWN=True, RUN_FINISH=phases["finish"], BARRIER=True,
-            launch_cooperative_grid=True, **updown_kw, **launch)
-    else:
-        # The interpreter runs programs one after another, so a grid barrier would never open: each
-        # phase is a launch of its own, in order (the same code but for the barrier).
-        for name, on in phases.items():
-            if on:
-                stages[name] = functools.partial(
-                    lambda name: _kernel(_updown_kernel)[(grid,)](
-                        *updown_args, RUN_GATE=name == "gate", RUN_UPDOWN=name == "updown",
-                        RUN_FINISH=name == "finish", BARRIER=False, **updown_kw, **launch), name)
-    if not cfg.fused and not atomic:
-        finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
-        stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
-            s.part, out, s.hist, s.fine, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
-            num_warps=cfg.finish_warps, PDL=pdl, **clear, **launch)
+    stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
+        s.part, out, s.hist, s.fine, grid, d_model, s.max_rows, P_BLOCK=p_block, BLOCK_D=cfg.finish_block_d,
+        CLEAR_HIST=group is None, CLEAR_FINE=group is None and rank["KEY16"], num_warps=cfg.finish_warps, PDL=pdl,
+        **launch)
     return out, stages
 
 
