@@ -10,11 +10,14 @@ Row Top-K (k per token), three or four launches, each program writing only its o
 program waits on or reads what another wrote in the same launch, so there is nothing to race):
   1. `_gate_kernel`: G = x W_gate^T split over the channel blocks of many programs (all SMs), G
      written as float32 (tokens x d_ffn, a few KB), and a histogram of the rank keys' top bytes;
-     16-bit keys also count in a fine histogram, one bin per key.
+     16-bit keys also count in a fine histogram, one bin per key, and are written too (2 bytes a
+     channel) for the ties.
   2. `_select_kernel` (tokens > 1): per token, the k-th largest rank key T and, where keys tie at
      T, the index up to which tied channels are kept, so exactly k are kept. 16-bit keys read T
      off the two histograms (two 1 KB loads); 32-bit keys take radix rounds over G's keys.
-     With one token this select runs inside every updown program instead (one launch less).
+     With one token this select runs inside every updown program instead (one launch less): each
+     reads T off the histograms and ranks its own block's channels tied at T after the tied ones
+     the keys row has before the block (a count; bf16 G ties at T in practically every call).
   3. `_updown_kernel`: each program takes a block of channels, keeps those any token selected (the
      union: each needed row is read once per step), computes z = SiLU(G) * (x . W_up[c]) for the
      tokens that selected c, and writes its partial sum of z * W_down^T[c] (float32, tokens x d).
@@ -27,7 +30,13 @@ An earlier version let the last program of a launch (an atomic ticket) finish th
 the buffers; on an H100 it gave a wrong row in about 1 of 40 bf16 calls, a race this layout rules
 out by construction. On sm_90 the launches may be chained by programmatic dependent launch
 (`LaunchConfig.pdl`): each waits for the previous one to finish before it touches memory, so
-only the gap between launches goes.
+only the gap between launches goes. Stop 16 also built and timed on an H200 (commits 979ec40 and
+1f5d23b; correct in every check, then taken out): the finish inside the up/down launch behind a
+grid barrier (cooperative launch), the gate there too for one token (one launch), and a:b
+partials added with float32 atomics by the up/down programs, the last one writing the output.
+None was faster than these chained launches (row Top-K 21.6-26.3 against 22.4 us; a:b 12.3 and
+12.6 against 11.3 us): in-kernel timestamps showed the barriers costing what the launch gaps did,
+and the one launch's gate, on one or two programs an SM, slower than the gate kernel's 1366.
 
 Ranking follows `moc_lightning.ffn.topk`: pre_silu ranks by G, post_silu by |SiLU(G)|, with G first
 rounded to the model's dtype (as the plain path ranks bf16 G). With 16-bit dtypes and pre_silu the
@@ -466,10 +475,11 @@ class LaunchConfig:
 # programs of 8 groups). Stop 15's sweep (H200) also chose programmatic dependent launch for both
 # at batch 1 (row Top-K 21.0 against 22.5 us, with 32-channel up/down programs on 4 warps; a:b
 # 11.4 against 12.2 us) and for a:b groups at 2-8 (2-3.5%); the row Top-K at 2-8 ran 1-3% slower
-# with it.
+# with it. Stop 16 (H200), ties counted on the keys row: 16 row slots at batch 1 (17.8 against 18.2
+# us for 8; 16-channel programs 18.7-20.8).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=32, updown_block_d=2048, updown_warps=4,
-                    updown_rows=8, finish_block_d=16, pdl=True),
+                    updown_rows=16, finish_block_d=16, pdl=True),
     2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
