@@ -174,7 +174,7 @@ SWEEP_ROW = {
         # With the ties counted on the keys row (stop 16) a program's select no longer reads the
         # whole row, so narrower up/down programs (more of them, fewer kept rows each) may pay.
         dict(updown_block_c=16, updown_rows=4), dict(updown_block_c=16, updown_rows=8),
-        dict(updown_block_c=16, updown_rows=4, updown_warps=2), dict(updown_rows=16)],
+        dict(updown_block_c=16, updown_rows=4, updown_warps=2), dict(updown_rows=8)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
