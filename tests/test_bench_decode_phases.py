@@ -39,3 +39,9 @@ def test_phase_times_are_microseconds_after_the_first_start():
     assert times["rows_done"] == [3.0, 4.0, 7.0]
     assert times["cut"] == [2.0, 2.0, 2.0]
     assert "top" not in times
+
+
+@pytest.mark.parametrize("config", ["{not json", '{"updown_rowz": 8}', '{"updown_block_c": 4}'])
+def test_a_bad_config_is_refused_with_a_message(config):
+    with pytest.raises(SystemExit, match="--config must be a JSON object of LaunchConfig fields"):
+        decode_phases.main(["--config", config])

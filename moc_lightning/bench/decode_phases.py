@@ -127,12 +127,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", default="{}", help="changes to the batch-1 launch configs, as JSON")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
+    try:
+        change = json.loads(args.config)
+        from moc_lightning.kernels.moc_decode import LaunchConfig
+
+        LaunchConfig(**change)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"--config must be a JSON object of LaunchConfig fields: {exc}")
     if not torch.cuda.is_available():
         raise SystemExit("moc_lightning.bench.decode_phases needs a CUDA GPU")
     from moc_lightning.bench.decode import D, D_FFN, GROUP, K, Layer, graphed_ms
 
     md = load_instrumented()
-    change = json.loads(args.config)
     out = Recorder(BENCH, args.out)
     torch.manual_seed(0)
     layer = Layer(torch.bfloat16)
