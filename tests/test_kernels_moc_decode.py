@@ -237,8 +237,6 @@ def test_module_imports_and_refuses_clearly_without_triton():
 def test_decode_sweep_candidates_are_distinct_launch_configs():
     """Each `bench.decode --sweep` candidate changes the default it applies to: a candidate equal
     to the default (or to another candidate) would time one config twice."""
-    import dataclasses
-
     from moc_lightning.bench import decode as bench_decode
     from moc_lightning.kernels import moc_decode
 

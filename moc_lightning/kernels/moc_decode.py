@@ -499,9 +499,10 @@ def launch_config(rows: int, grouped: bool = False) -> LaunchConfig:
 
 
 class DecodeScratch:
-    """Buffers a decode step reuses: G, the histogram of its key top bytes, the per-token
-    thresholds, and one float32 partial output per updown program. The histograms are the only
-    ones carried between calls, and `_finish_kernel` leaves them zeroed."""
+    """Buffers a decode step reuses: G, its 16-bit rank keys, the histograms of the keys (top
+    bytes; whole 16-bit keys), the per-token thresholds, and one float32 partial output per updown
+    program. The histograms are the only ones carried between calls, and `_finish_kernel` leaves
+    them zeroed."""
 
     def __init__(self, d_model: int, d_ffn: int, device: torch.device, max_rows: int = MAX_ROWS):
         self.d_model, self.d_ffn, self.max_rows = d_model, d_ffn, max_rows
