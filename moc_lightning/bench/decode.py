@@ -64,6 +64,15 @@ def graphed_ms(fn: Callable[[], object], reps: int = 20) -> float:
     return ms
 
 
+def fresh_inputs(rows: int, dtype: torch.dtype, n: int = 7) -> Callable[[], torch.Tensor]:
+    """A call gives the next of n random (rows, D) inputs, round and round: a timed step sees a new
+    input each call, as in decoding, so the MoC kernel's hint (the previous call's threshold) is a
+    guess, never this call's own threshold. n is prime to the graphs' 20 calls."""
+    xs = [torch.randn(rows, D, device="cuda", dtype=dtype) for _ in range(n)]
+    turn = iter(range(1 << 62))
+    return lambda: xs[next(turn) % n]
+
+
 def dense_ffn(x, w_gate, w_up, w_down):
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
@@ -174,7 +183,12 @@ SWEEP_ROW = {
         # With the ties counted on the keys row (stop 16) a program's select no longer reads the
         # whole row, so narrower up/down programs (more of them, fewer kept rows each) may pay.
         dict(updown_block_c=16, updown_rows=4), dict(updown_block_c=16, updown_rows=8),
-        dict(updown_block_c=16, updown_rows=4, updown_warps=2), dict(updown_rows=8)],
+        dict(updown_block_c=16, updown_rows=4, updown_warps=2), dict(updown_rows=8),
+        # L2 prefetch of the rows the layer's last threshold calls likely (stop 17), and 8 warps
+        # (the 16 slots' tiles in 128 registers a thread, not 256: no loads held back)
+        dict(prefetch=True), dict(prefetch=True, prefetch_slack=24), dict(prefetch=True, prefetch_bulk=False),
+        dict(prefetch=True, updown_rows=8), dict(prefetch=True, updown_block_c=64), dict(prefetch=True, updown_warps=8),
+        dict(updown_warps=8)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
@@ -199,7 +213,7 @@ def sweep(out: Recorder, layer: Layer, batches: list[int], deadline: float) -> N
         kind = "moc_2:8" if grouped else "moc"
         module = layer.module(kind)
         for rows in batches:
-            x = torch.randn(rows, D, device="cuda", dtype=layer.dtype)
+            nxt = fresh_inputs(rows, layer.dtype)
             best = None
             for change in candidates[rows]:
                 if time.time() > deadline:
@@ -214,7 +228,7 @@ def sweep(out: Recorder, layer: Layer, batches: list[int], deadline: float) -> N
                         if err >= 2e-2:
                             out.emit(f"sweep/{kind}/batch{rows}/wrong", err, "rel_err", config=change)
                             continue
-                        ms = graphed_ms(lambda: module(x))
+                        ms = graphed_ms(lambda: module(nxt()))
                 except Exception as exc:  # a config that does not compile or fit is skipped
                     out.emit(f"sweep/{kind}/batch{rows}/error", 0.0, "error", config=change, error=repr(exc)[:300])
                     continue
@@ -231,15 +245,16 @@ def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: li
     itemsize = layer.dtype.itemsize
     compiled = {mode: torch.compile(dense_ffn, mode=mode, dynamic=False) for mode in compile_modes}
     for rows in batches:
-        x = torch.randn(rows, D, device="cuda", dtype=layer.dtype)
+        nxt = fresh_inputs(rows, layer.dtype)
+        x = nxt()
         ctx = dict(batch=rows, d_model=D, d_ffn=D_FFN, k=K, dtype=str(layer.dtype).split(".")[-1])
         io = 2 * rows * D * itemsize
         dense_bytes = 3 * D_FFN * D * itemsize + io
         dense_floor = floor_ms(dense_bytes)
         with torch.no_grad():
-            eager = time_ms(lambda: layer.dense(x))
+            eager = time_ms(lambda: layer.dense(nxt()))
             out.emit("ffn/dense_eager", eager * 1e3, "us", floor_us=dense_floor * 1e3, bytes=dense_bytes, **ctx)
-            eager_graph = graphed_ms(lambda: layer.dense(x))
+            eager_graph = graphed_ms(lambda: layer.dense(nxt()))
             out.emit("ffn/dense_eager_cudagraph", eager_graph * 1e3, "us", floor_us=dense_floor * 1e3, **ctx)
             best = None
             for mode, fn in compiled.items():
@@ -248,11 +263,11 @@ def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: li
                     fn(x, *layer.weights)
                     fn(x, *layer.weights)
                     compile_s = time.time() - t0
-                    ms = time_ms(lambda: fn(x, *layer.weights))
+                    ms = time_ms(lambda: fn(nxt(), *layer.weights))
                     out.emit(f"ffn/dense_compile_{mode}", ms * 1e3, "us", floor_us=dense_floor * 1e3, compile_s=compile_s, **ctx)
                     candidates = [(ms, mode)]
                     if mode != "reduce-overhead":  # its own graphs; the others can be captured in ours
-                        ms_graph = graphed_ms(lambda: fn(x, *layer.weights))
+                        ms_graph = graphed_ms(lambda: fn(nxt(), *layer.weights))
                         out.emit(f"ffn/dense_compile_{mode}_cudagraph", ms_graph * 1e3, "us", floor_us=dense_floor * 1e3, **ctx)
                         candidates.append((ms_graph, mode + "+cudagraph"))
                     for c in candidates:
@@ -268,9 +283,9 @@ def bench_ffn(out: Recorder, layer: Layer, batches: list[int], compile_modes: li
                 moc_bytes = (D_FFN * D + 2 * kept * D) * itemsize + io
                 moc_floor = floor_ms(moc_bytes)
                 fields = dict(floor_us=moc_floor * 1e3, bytes=moc_bytes, kept_rows_union=kept, **ctx)
-                launched = time_ms(lambda: module(x))
+                launched = time_ms(lambda: module(nxt()))
                 out.emit(f"ffn/{kind}_kernel", launched * 1e3, "us", **fields)
-                graphed = graphed_ms(lambda: module(x))
+                graphed = graphed_ms(lambda: module(nxt()))
                 out.emit(f"ffn/{kind}_kernel_cudagraph", graphed * 1e3, "us", of_floor=graphed / moc_floor,
                          speedup_vs_dense_compiled=(best[0] / graphed) if best else None,
                          speedup_vs_dense_eager=eager / graphed, speedup_vs_dense_eager_cudagraph=eager_graph / graphed,

@@ -62,20 +62,18 @@ _EDITS = (
      "        cut = F\n        _stamp(STAMP_PTR, 2, thr, STAMP_ON)\n"
      "        if tl.sum(tl.where(bins == low, fine, 0), axis=0) > need:"),
     ("    thr, cut = _row_threshold(g_ptr + t * F,", "    thr, cut = _row_threshold(thr_ptr, False, g_ptr + t * F,"),
-    ("thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,\n                   D,",
-     "thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,\n                   stamp_ptr, D,"),
-    ("    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.\"\"\"\n"
-     "    _after_previous(PDL)\n",
-     "    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.\"\"\"\n"
-     "    _after_previous(PDL)\n    _stamp(stamp_ptr, 0, tl.program_id(0), True)\n"),
-    ("_row_threshold(g_ptr, keys_ptr,", "_row_threshold(stamp_ptr, True, g_ptr, keys_ptr,"),
+    ("thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,\n                   hint_ptr, D,",
+     "thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,\n                   hint_ptr, stamp_ptr, D,"),
+    ("    _after_previous(PDL)\n    lane = tl.arange(0, BLOCK_C)\n",
+     "    _after_previous(PDL)\n    _stamp(stamp_ptr, 0, tl.program_id(0), True)\n    lane = tl.arange(0, BLOCK_C)\n"),
+    ("_row_threshold(g_ptr, keys_ptr, hist,", "_row_threshold(stamp_ptr, True, g_ptr, keys_ptr, hist,"),
     ("            cut = tl.zeros((T,), dtype=tl.int32) + cut_1\n",
      "            cut = tl.zeros((T,), dtype=tl.int32) + cut_1\n"
      "            _stamp(stamp_ptr, 3, (thr_1 + cut_1).to(tl.int32), True)\n"),
     ("    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part",
      "    _stamp(stamp_ptr, 4, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"
      "    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
-    ("s.thr, s.cut, w_up, w_down_t, s.part, d_model", "s.thr, s.cut, w_up, w_down_t, s.part, STAMPS, d_model"),
+    ("s.thr if hint is None else hint,\n        d_model,", "s.thr if hint is None else hint,\n        STAMPS, d_model,"),
     ("_SHARED: dict[tuple, DecodeScratch] = {}", "_SHARED: dict[tuple, DecodeScratch] = {}\nSTAMPS = None"),
 )
 
@@ -136,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--config must be a JSON object of LaunchConfig fields: {exc}")
     if not torch.cuda.is_available():
         raise SystemExit("moc_lightning.bench.decode_phases needs a CUDA GPU")
-    from moc_lightning.bench.decode import D, D_FFN, GROUP, K, Layer, graphed_ms
+    from moc_lightning.bench.decode import D, D_FFN, GROUP, K, Layer, fresh_inputs, graphed_ms
 
     md = load_instrumented()
     out = Recorder(BENCH, args.out)
@@ -150,10 +148,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = dataclasses.replace(md.launch_config(1, grouped=group is not None), **change)
         x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
 
-        def step():
+        def step(x=x):
             return md.moc_decode(x, wg, wu, wdt, k=K, group=group, scratch=scratch, config=cfg)
 
-        step_us = graphed_ms(step) * 1e3
+        nxt = fresh_inputs(1, torch.bfloat16)
+        step_us = graphed_ms(lambda: step(nxt())) * 1e3
         runs = []
         for _ in range(args.calls):
             x.copy_(torch.randn(1, D, device="cuda", dtype=torch.bfloat16))

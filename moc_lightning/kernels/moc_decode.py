@@ -136,22 +136,22 @@ def _tie_cut(tied, need, offs, N_PAD: tl.constexpr):
     return tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
 
 
-def _row_threshold(g_row_ptr, key_row_ptr, hist_row_ptr, fine_row_ptr, F, K, B0, W: tl.constexpr,
+def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_row_ptr, F, K, B0, W: tl.constexpr,
                    N_PAD: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr,
                    RADIX_BITS: tl.constexpr):
     """Threshold of one token's Top-K: the k-th largest key T, and the channel index up to which
     channels whose key equals T are kept, so that exactly K are kept. Returns (T, cut); the cut is
     right for the channels of the window [B0, B0 + W) (the whole row: B0 = 0, W = N_PAD).
 
-    T's top byte comes from the histogram of key top bytes the gate kernel's programs built with
-    atomics (in an earlier launch; `_finish_kernel` zeroes it). 16-bit keys: the low byte comes
+    T's top byte comes from `hist`, the token's histogram of key top bytes (256 bins, loaded by
+    the caller) the gate kernel's programs built with atomics (in an earlier launch;
+    `_finish_kernel` zeroes it). 16-bit keys: the low byte comes
     from the fine histogram (one bin per key), 256 bins under the top byte, so T is two 1 KB
     loads and two scans. Where keys tie at T beyond what K takes, the window's own tied channels
     are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has before B0: a
     count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
     CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
-    hist = tl.load(hist_row_ptr + bins)
     at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
     top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
     if KEY16:
@@ -194,6 +194,25 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist_row_ptr, fine_row_ptr, F, K, B0,
         if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
             cut = _tie_cut(tied, need, offs, N_PAD)
     return thr, cut
+
+
+def _prefetch_l2(w_ptr, rows, on, D, BLOCK_D: tl.constexpr, BULK: tl.constexpr):
+    """Ask L2 for the 16-bit rows w[rows] where `on`: nothing comes back to the program, so
+    nothing waits on it; a later load of those rows finds them in L2, or on their way there.
+    BULK: one bulk prefetch a row (sm_90's TMA unit; rows of 16-byte multiples), else one
+    prefetch a 128-byte line spread over the threads (BLOCK_D >= D)."""
+    if BULK:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+            "=r,l,r,r", [w_ptr + rows.to(tl.int64) * D, on.to(tl.int32), on.to(tl.int32) * 0 + 2 * D],
+            dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        line = tl.arange(0, BLOCK_D // 64) * 64  # 64 16-bit values a line
+        want = on[:, None] & (line < D)[None, :]
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [w_ptr + rows.to(tl.int64)[:, None] * D + line[None, :], want.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _after_previous(PDL: tl.constexpr):
@@ -316,21 +335,31 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr, PDL: tl.constexpr):
     _after_previous(PDL)
     t = tl.program_id(0)
-    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist_ptr + t * 256, fine_ptr + t * 65536, F, K, 0,
-                              N_PAD, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+    hist = tl.load(hist_ptr + t * 256 + tl.arange(0, 256))
+    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, fine_ptr + t * 65536, F, K, 0, N_PAD, N_PAD,
+                              ROUND, POST_SILU, KEY16, RADIX_BITS)
     tl.store(thr_ptr + t, thr.to(tl.int64))
     tl.store(cut_ptr + t, cut)
 
 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
-                   D, F, K, GROUP_A, GROUP_B, B, MAXR,
+                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR, SLACK,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
-                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, PDL: tl.constexpr):
+                   ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
+                   PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
-    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them."""
+    sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
+
+    HINT (one token, 16-bit keys): hint_ptr holds the threshold key of this layer's previous
+    call. Channels whose key is at least that less SLACK are likely kept, and their up and down
+    rows are asked of L2 (PREFETCH: compiled sm_90) while the threshold is found, which takes
+    round trips that leave memory idle otherwise. Only what is fetched early depends on the hint;
+    what is kept and computed never does. Program 0 writes this call's threshold key for the next
+    call; the other programs read the hint at their start, the old or the new one (either is a
+    fine guess: it only steers the prefetch)."""
     _after_previous(PDL)
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
@@ -354,9 +383,19 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         ch_ok = ch < F
         g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
+        if SELECT_HERE:  # the histogram asked for first: the threshold's round trips start it
+            hist = tl.load(hist_ptr + tl.arange(0, 256))
+        if HINT:
+            likely = ch_ok & (tl.max(key, axis=0) >= tl.load(hint_ptr) - SLACK)
+            if PREFETCH > 0:  # 16-bit keys: 16-bit weights
+                _prefetch_l2(wu_ptr, ch, likely, D, BLOCK_D, PREFETCH == 1)
+                _prefetch_l2(wdt_ptr, ch, likely, D, BLOCK_D, PREFETCH == 1)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
-            thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist_ptr, fine_ptr, F, K, tl.program_id(0) * BLOCK_C,
+            thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_ptr, F, K, tl.program_id(0) * BLOCK_C,
                                           BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+            if HINT:
+                if tl.program_id(0) == 0:
+                    tl.store(hint_ptr, thr_1.to(tl.int32))
             thr = tl.zeros((T,), dtype=tl.int64) + thr_1
             cut = tl.zeros((T,), dtype=tl.int32) + cut_1
         else:
@@ -415,8 +454,8 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _row_threshold,
-                                                 _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _prefetch_l2, _rank_score, _rank_key, _tie_cut,
+                                                 _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
                                                  _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
@@ -455,6 +494,11 @@ class LaunchConfig:
     # launch less, paid with the select's work repeated in each program); False launches
     # `_select_kernel` first. Several tokens always launch it.
     select_in_updown: bool = True
+    # One token, 16-bit pre-SiLU keys: read the layer's previous threshold as a hint and have L2
+    # fetch the rows likely kept (key >= hint - prefetch_slack) while the threshold is found.
+    prefetch: bool = False
+    prefetch_slack: int = 8  # in steps of the 16-bit key (a bf16 ulp: 0.4-0.8% of the value)
+    prefetch_bulk: bool = True  # one bulk prefetch a row, else one a 128-byte line (whole-row tiles)
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
@@ -463,6 +507,8 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
+        if self.prefetch_slack < 0:
+            raise ValueError(f"LaunchConfig.prefetch_slack = {self.prefetch_slack} must be at least 0")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -518,6 +564,19 @@ class DecodeScratch:
         # of two fills a little over half its lanes), hence at most this many updown programs.
         self.max_programs = -(-d_ffn // 8) + 1
         self.part = torch.empty(self.max_programs, max_rows, d_model, dtype=torch.float32, device=device)
+        # Per layer (its W_gate's address): the threshold key of its last one-token call, the
+        # prefetch's hint. Above every 16-bit key until a call writes one: nothing prefetched.
+        self.hints: dict[int, torch.Tensor] = {}
+
+    def hint(self, w_gate: torch.Tensor) -> Optional[torch.Tensor]:
+        """The layer's hint (made on its first call), or None while a CUDA graph is being captured
+        and the layer has none yet: its making would be captured too, and reset it every replay."""
+        at = w_gate.data_ptr()
+        if at not in self.hints:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            self.hints[at] = torch.full((1,), 1 << 16, dtype=torch.int32, device=self.device)
+        return self.hints[at]
 
     def clear_counts(self) -> None:
         """Zero the histograms (after gate launches run without their finish, as a benchmark does)."""
@@ -594,7 +653,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
     slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
-    pdl = cfg.pdl and pdl_runs_on(x.device)
+    on_sm90 = pdl_runs_on(x.device)  # compiled for sm_90+: PDL and the bulk prefetch
+    pdl = cfg.pdl and on_sm90
     # launch_pdl is a launch option of compiled kernels only (the interpreter takes no such option)
     common["PDL"] = pdl
     launch = dict(launch_pdl=True) if pdl else {}
@@ -622,9 +682,16 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
+    hint = s.hint(w_gate) if select_here and rank["KEY16"] and cfg.prefetch else None
+    # the bulk prefetch is sm_90 PTX on 16-byte aligned rows (the interpreter runs no PTX)
+    prefetch = 0
+    if hint is not None and on_sm90:
+        bulk_ok = (2 * d_model) % 16 == 0 and all(w.data_ptr() % 16 == 0 for w in (w_up, w_down_t))
+        prefetch = 1 if cfg.prefetch_bulk and bulk_ok else 2 if d_model <= cfg.updown_block_d else 0
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
-        x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, d_model, d_ffn, k, group_a, group_b, rows,
-        s.max_rows, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
+        x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, cfg.prefetch_slack, HINT=hint is not None,
+        PREFETCH=prefetch, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
         R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
         N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
