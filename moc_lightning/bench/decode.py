@@ -174,21 +174,21 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 # Candidates are changes to the current LAUNCH_CONFIGS / GROUPED_LAUNCH_CONFIGS entry (`dict()` is
 # the entry itself), so they follow the defaults: stop 15's choices, programmatic dependent launch
 # on for the row Top-K at batch 1 and for a:b groups at every batch.
+PREFETCH = dict(prefetch=True)
+WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
-    # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these.
-    1: [dict(), dict(pdl=False), dict(finish_block_d=32),
-        dict(SINGLE, updown_rows=16, finish_block_d=32),  # stop 14's up/down and finish
-        dict(SINGLE, finish_block_d=64),
-        # With the ties counted on the keys row (stop 16) a program's select no longer reads the
-        # whole row, so narrower up/down programs (more of them, fewer kept rows each) may pay.
+    # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's and 17's
+    # first sweeps (H200) also: pdl off (+1.1 us), 16-channel programs on 2 warps (+2.7), finish
+    # blocks of 32 and 64 columns (+0.3 and more), 8 warps uncapped (+4.2: one program an SM),
+    # and one bulk L2 prefetch a row (+2.0: it held the threshold back 1.5 us).
+    1: [dict(), dict(updown_rows=8), dict(PREFETCH), dict(PREFETCH, updown_rows=8),
+        # the up/down row phase was bound by issue (SASS: ~2,900 instructions a thread for 16 slots,
+        # one warp a scheduler): more warps an SM, or fewer slots a program
+        dict(WARPS8), dict(WARPS8, updown_rows=8), dict(WARPS8, **PREFETCH), dict(WARPS8, **PREFETCH, updown_rows=8),
         dict(updown_block_c=16, updown_rows=4), dict(updown_block_c=16, updown_rows=8),
-        dict(updown_block_c=16, updown_rows=4, updown_warps=2), dict(updown_rows=8),
-        # L2 prefetch of the rows the layer's last threshold calls likely (stop 17), and 8 warps
-        # (the 16 slots' tiles in 128 registers a thread, not 256: no loads held back)
-        dict(prefetch=True), dict(prefetch=True, prefetch_slack=24), dict(prefetch=True, prefetch_bulk=False),
-        dict(prefetch=True, updown_rows=8), dict(prefetch=True, updown_block_c=64), dict(prefetch=True, updown_warps=8),
-        dict(updown_warps=8)],
+        dict(PREFETCH, updown_block_c=16, updown_rows=4), dict(PREFETCH, updown_block_c=16, updown_rows=8),
+        dict(WARPS8, updown_block_c=64), dict(WARPS8, **PREFETCH, updown_block_c=64)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

@@ -196,23 +196,18 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_row_ptr, F, K, B0, W: tl.c
     return thr, cut
 
 
-def _prefetch_l2(w_ptr, rows, on, D, BLOCK_D: tl.constexpr, BULK: tl.constexpr):
-    """Ask L2 for the 16-bit rows w[rows] where `on`: nothing comes back to the program, so
-    nothing waits on it; a later load of those rows finds them in L2, or on their way there.
-    BULK: one bulk prefetch a row (sm_90's TMA unit; rows of 16-byte multiples), else one
-    prefetch a 128-byte line spread over the threads (BLOCK_D >= D)."""
-    if BULK:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-            "=r,l,r,r", [w_ptr + rows.to(tl.int64) * D, on.to(tl.int32), on.to(tl.int32) * 0 + 2 * D],
-            dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        line = tl.arange(0, BLOCK_D // 64) * 64  # 64 16-bit values a line
-        want = on[:, None] & (line < D)[None, :]
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [w_ptr + rows.to(tl.int64)[:, None] * D + line[None, :], want.to(tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=1)
+def _prefetch_l2(w_ptr, rows, on, D, BLOCK_D: tl.constexpr):
+    """Ask L2 for the 16-bit rows w[rows] where `on`, one prefetch a 128-byte line spread over the
+    threads (BLOCK_D >= D): nothing comes back to the program, so nothing waits on it; a later
+    load of those rows finds them in L2, or on their way there. (A bulk prefetch a row, sm_90's
+    cp.async.bulk.prefetch, was slower on an H200: its address must be uniform, so the compiler
+    loops over the lanes one at a time, 1.5 us before the threshold's next load could go out.)"""
+    line = tl.arange(0, BLOCK_D // 64) * 64  # 64 16-bit values a line
+    want = on[:, None] & (line < D)[None, :]
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [w_ptr + rows.to(tl.int64)[:, None] * D + line[None, :], want.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _after_previous(PDL: tl.constexpr):
@@ -283,17 +278,23 @@ def _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T: tl.
 
 
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
-                 R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, USE_DOT: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:  # both rows requested before any math (one round trip)
+        # Slots past the kept rows read row 0 (the caller leaves rows 0 there) and sel zeroes
+        # them, so the loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either.
+        # A mask costs a predicate and a select per loaded value, and a thread holds hundreds.
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        row_base = rows.to(tl.int64) * D
-        mask = row_ok[:, None] & col_ok[None, :]
-        wu = tl.load(wu_ptr + row_base[:, None] + cols[None, :], mask=mask, other=0.0)
-        wd = tl.load(wdt_ptr + row_base[:, None] + cols[None, :], mask=mask, other=0.0)
+        at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        if EXACT_D:
+            wu = tl.load(wu_ptr + at)
+            wd = tl.load(wdt_ptr + at)
+        else:
+            wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
+            wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
         xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
         z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
         acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
@@ -345,7 +346,7 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
                    hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR, SLACK,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   R: tl.constexpr, SINGLE: tl.constexpr, GATE_D: tl.constexpr,
+                   R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
@@ -387,9 +388,9 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             hist = tl.load(hist_ptr + tl.arange(0, 256))
         if HINT:
             likely = ch_ok & (tl.max(key, axis=0) >= tl.load(hint_ptr) - SLACK)
-            if PREFETCH > 0:  # 16-bit keys: 16-bit weights
-                _prefetch_l2(wu_ptr, ch, likely, D, BLOCK_D, PREFETCH == 1)
-                _prefetch_l2(wdt_ptr, ch, likely, D, BLOCK_D, PREFETCH == 1)
+            if PREFETCH:  # 16-bit keys: 16-bit weights
+                _prefetch_l2(wu_ptr, ch, likely, D, BLOCK_D)
+                _prefetch_l2(wdt_ptr, ch, likely, D, BLOCK_D)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
             thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_ptr, F, K, tl.program_id(0) * BLOCK_C,
                                           BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
@@ -413,11 +414,11 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     for first in range(0, n_needed, R):
         want = first + tl.arange(0, R)
         match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
-        rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
+        rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)  # 0 in the slots past the kept rows
         g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
         sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
         acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok, tok_ok,
-                           D, T, R, BLOCK_D, SINGLE, USE_DOT, IEEE)
+                           D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     if SINGLE:
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
@@ -487,6 +488,9 @@ class LaunchConfig:
     updown_block_d: int = 256
     updown_warps: int = 4
     updown_rows: int = 8  # kept rows a program loads at once (16 at least with use_dot)
+    # registers a thread may use in the up/down kernel (None: the compiler's choice); a cap lets
+    # two 8-warp programs share an SM
+    updown_maxnreg: Optional[int] = None
     select_warps: int = 8
     radix_bits: int = 1
     use_dot: bool = False
@@ -498,7 +502,6 @@ class LaunchConfig:
     # fetch the rows likely kept (key >= hint - prefetch_slack) while the threshold is found.
     prefetch: bool = False
     prefetch_slack: int = 8  # in steps of the 16-bit key (a bf16 ulp: 0.4-0.8% of the value)
-    prefetch_bulk: bool = True  # one bulk prefetch a row, else one a 128-byte line (whole-row tiles)
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
@@ -683,17 +686,16 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
     hint = s.hint(w_gate) if select_here and rank["KEY16"] and cfg.prefetch else None
-    # the bulk prefetch is sm_90 PTX on 16-byte aligned rows (the interpreter runs no PTX)
-    prefetch = 0
-    if hint is not None and on_sm90:
-        bulk_ok = (2 * d_model) % 16 == 0 and all(w.data_ptr() % 16 == 0 for w in (w_up, w_down_t))
-        prefetch = 1 if cfg.prefetch_bulk and bulk_ok else 2 if d_model <= cfg.updown_block_d else 0
+    # the prefetch is PTX (the interpreter runs none), one line a thread over a whole-row tile
+    prefetch = hint is not None and on_sm90 and d_model <= cfg.updown_block_d
+    # a register cap is a compile option of the CUDA backend (the interpreter takes none)
+    regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
         d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, cfg.prefetch_slack, HINT=hint is not None,
         PREFETCH=prefetch, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
-        R=slots, SINGLE=d_model <= cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
-        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch)
+        R=slots, SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
+        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
