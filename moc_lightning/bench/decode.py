@@ -184,11 +184,11 @@ SWEEP_ROW = {
     # and one bulk L2 prefetch a row (+2.0: it held the threshold back 1.5 us).
     1: [dict(), dict(updown_rows=8), dict(PREFETCH), dict(PREFETCH, updown_rows=8),
         # the up/down row phase was bound by issue (SASS: ~2,900 instructions a thread for 16 slots,
-        # one warp a scheduler): more warps an SM, or fewer slots a program
-        dict(WARPS8), dict(WARPS8, updown_rows=8), dict(WARPS8, **PREFETCH), dict(WARPS8, **PREFETCH, updown_rows=8),
-        dict(updown_block_c=16, updown_rows=4), dict(updown_block_c=16, updown_rows=8),
-        dict(PREFETCH, updown_block_c=16, updown_rows=4), dict(PREFETCH, updown_block_c=16, updown_rows=8),
-        dict(WARPS8, updown_block_c=64), dict(WARPS8, **PREFETCH, updown_block_c=64)],
+        # one warp a scheduler): fewer slots a program, more programs, more warps (capped
+        # registers, so two programs share an SM: +2 us in stop 17's second sweep, before the top-R)
+        dict(updown_block_c=16, updown_rows=8), dict(updown_block_c=16, updown_rows=16),
+        dict(PREFETCH, updown_block_c=16, updown_rows=8), dict(updown_block_c=64),
+        dict(PREFETCH, updown_block_c=64), dict(WARPS8), dict(WARPS8, **PREFETCH), dict(updown_rows=8, updown_warps=2)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

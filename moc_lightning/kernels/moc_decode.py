@@ -409,16 +409,32 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     part = part_ptr + tl.program_id(0).to(tl.int64) * MAXR * D
     acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
     # Compact the needed rows into slots of R, so every load the program issues is a kept row
-    # (masked-off rows would leave the memory system idle while the tile is computed).
+    # (masked-off rows would leave the memory system idle while the tile is computed). Slots past
+    # the kept rows hold row 0.
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
-    for first in range(0, n_needed, R):
-        want = first + tl.arange(0, R)
-        match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
-        rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)  # 0 in the slots past the kept rows
-        g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
-        sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
-        acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok, tok_ok,
-                           D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+    if T == 1:
+        # The round's slots are the top R of a key that ranks its kept channels first, lowest
+        # channel first, and carries their G along: a bitonic top-R, a few shuffles a step. (The
+        # one-hot (R, BLOCK_C) match of several tokens below took a third of the batch-1 row
+        # phase's ~2,900 instructions a thread, stop 17's SASS.) Channels < 2^29.
+        g_bits = tl.sum(g, axis=0).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        ch_key = ((1 << 29) - ch).to(tl.int64) << 32
+        for first in range(0, n_needed, R):
+            top = tl.topk(tl.where(needed & (place >= first), 1 << 62, 0) | ch_key | g_bits, R)
+            kept = top >= (1 << 62)
+            rows = tl.where(kept, (1 << 29) - ((top >> 32) & ((1 << 30) - 1)), 0).to(tl.int32)
+            g_r = (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)[None, :]
+            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, kept, g_r, kept[None, :], tok, tok_ok,
+                               D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+    else:
+        for first in range(0, n_needed, R):
+            want = first + tl.arange(0, R)
+            match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
+            rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
+            g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
+            sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
+            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
+                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     if SINGLE:
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
@@ -655,6 +671,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     post_silu = placement == "post_silu"
     common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
     slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
+    if tokens == 1:  # the slots are a top-R of the block's lanes (whole groups: whole powers of 2)
+        slots = min(slots, cfg.updown_block_c if group is None else max(cfg.updown_block_c, triton.next_power_of_2(group[1])))
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
     on_sm90 = pdl_runs_on(x.device)  # compiled for sm_90+: PDL and the bulk prefetch
     pdl = cfg.pdl and on_sm90
