@@ -11,8 +11,9 @@ up/down kernel reads the SM's %globaltimer at each phase boundary and stores it 
     threshold  row Top-K: T, off the fine histogram
     cut        row Top-K: the ties at T ranked (the selection is known)
     rows_done  its kept rows read and multiplied (the partial is in registers)
-    slots      one token: the round's kept rows picked for its slots (the last round's)
-    up         whole-row tiles: x . W_up of the round's rows done, z known (the last round's)
+    slots      one token: a round's kept rows picked for its slots (the last round's), past the
+               rows loaded early
+    early      speculate: the rows loaded before the threshold was known, multiplied (kept ones)
 
 For batch 1 at the 1B shapes (row Top-K and MoC_2:8, the default launch configs, or a change to
 them), it prints each stamp's minimum, median and maximum over the programs, in microseconds
@@ -39,7 +40,7 @@ import torch
 from moc_lightning.bench.common import Recorder
 
 BENCH = "decode_phases"
-STAMPS = ("start", "top", "threshold", "cut", "rows_done", "slots", "up")  # by slot
+STAMPS = ("start", "top", "threshold", "cut", "rows_done", "slots", "early")  # by slot
 
 _STAMP_FN = '''
 def _stamp(ptr, slot, dep, ON: tl.constexpr):
@@ -75,17 +76,11 @@ _EDITS = (
     ("    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part",
      "    _stamp(stamp_ptr, 4, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"
      "    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
-    ("            g_r = (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)[None, :]\n",
-     "            g_r = (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)[None, :]\n"
-     "            _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
-    ("def _updown_rows(x_ptr,", "def _updown_rows(stamp_ptr, x_ptr,"),
-    ("            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, kept,",
-     "            acc = _updown_rows(stamp_ptr, x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, kept,"),
-    ("            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed,",
-     "            acc = _updown_rows(stamp_ptr, x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed,"),
-    ("        z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)\n",
-     "        z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)\n"
-     "        _stamp(stamp_ptr, 6, tl.sum(tl.sum(z, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"),
+    ("            g_r = slots[1][None, :]\n",
+     "            g_r = slots[1][None, :]\n            _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
+    ("        acc = _add_row_tiles(acc, wu0, wd0, xv0, g0[None, :], kept0[None, :], T, USE_DOT, IEEE)\n",
+     "        acc = _add_row_tiles(acc, wu0, wd0, xv0, g0[None, :], kept0[None, :], T, USE_DOT, IEEE)\n"
+     "        _stamp(stamp_ptr, 6, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"),
     ("s.thr if hint is None else hint,\n        d_model,", "s.thr if hint is None else hint,\n        STAMPS, d_model,"),
     ("_SHARED: dict[tuple, DecodeScratch] = {}", "_SHARED: dict[tuple, DecodeScratch] = {}\nSTAMPS = None"),
 )

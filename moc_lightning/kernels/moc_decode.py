@@ -136,7 +136,7 @@ def _tie_cut(tied, need, offs, N_PAD: tl.constexpr):
     return tl.min(tl.where(tied & (rank == need), offs, N_PAD), axis=0)
 
 
-def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_row_ptr, F, K, B0, W: tl.constexpr,
+def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row_ptr, F, K, B0, W: tl.constexpr,
                    N_PAD: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr,
                    RADIX_BITS: tl.constexpr):
     """Threshold of one token's Top-K: the k-th largest key T, and the channel index up to which
@@ -145,25 +145,29 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_row_ptr, F, K, B0, W: tl.c
 
     T's top byte comes from `hist`, the token's histogram of key top bytes (256 bins, loaded by
     the caller) the gate kernel's programs built with atomics (in an earlier launch;
-    `_finish_kernel` zeroes it). 16-bit keys: the low byte comes
+    `_finish_kernel` zeroes it). `fine_guess` is the caller's early load of the fine histogram's
+    bins under top byte `guess_top` (a guess; -1: none), used when the guess is right. 16-bit keys: the low byte comes
     from the fine histogram (one bin per key), 256 bins under the top byte, so T is two 1 KB
     loads and two scans. Where keys tie at T beyond what K takes, the window's own tied channels
     are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has before B0: a
     count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
     CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
-    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
-    top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
-    if KEY16:
+    if KEY16:  # the key loads first, in flight with the histograms' (only ties need them)
         offs = tl.arange(0, N_PAD)
         before = offs < B0
         win = B0 + tl.arange(0, W)
         win_ok = win < F
-        # both key loads in flight with the fine histogram's (only ties need them)
         keys_before = tl.load(key_row_ptr + offs, mask=before, other=0).to(tl.int32) & 0xFFFF
         keys_win = tl.load(key_row_ptr + win, mask=win_ok, other=0).to(tl.int32) & 0xFFFF
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
+    top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
+    if KEY16:
         above_top = tl.sum(tl.where(bins > top, hist, 0), axis=0)
-        fine = tl.load(fine_row_ptr + top * 256 + bins)
+        if top == guess_top:  # the guessed bins are the right ones: one round trip less
+            fine = fine_guess
+        else:
+            fine = tl.load(fine_row_ptr + top * 256 + bins)
         fine_at_or_above = above_top + tl.sum(fine, axis=0) - tl.cumsum(fine, axis=0) + fine
         low = tl.max(tl.where(fine_at_or_above >= K, bins, 0), axis=0)
         thr = top * 256 + low
@@ -194,20 +198,6 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_row_ptr, F, K, B0, W: tl.c
         if tl.sum(tied.to(tl.int32), axis=0) > need:  # ties at T: keep the first `need` of them
             cut = _tie_cut(tied, need, offs, N_PAD)
     return thr, cut
-
-
-def _prefetch_l2(w_ptr, rows, on, D, BLOCK_D: tl.constexpr):
-    """Ask L2 for the 16-bit rows w[rows] where `on`, one prefetch a 128-byte line spread over the
-    threads (BLOCK_D >= D): nothing comes back to the program, so nothing waits on it; a later
-    load of those rows finds them in L2, or on their way there. (A bulk prefetch a row, sm_90's
-    cp.async.bulk.prefetch, was slower on an H200: its address must be uniform, so the compiler
-    loops over the lanes one at a time, 1.5 us before the threshold's next load could go out.)"""
-    line = tl.arange(0, BLOCK_D // 64) * 64  # 64 16-bit values a line
-    want = on[:, None] & (line < D)[None, :]
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [w_ptr + rows.to(tl.int64)[:, None] * D + line[None, :], want.to(tl.int32)],
-        dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _after_previous(PDL: tl.constexpr):
@@ -277,27 +267,52 @@ def _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T: tl.
     tl.debug_barrier()  # the next round reads what this one wrote
 
 
+def _row_tiles(x_ptr, wu_ptr, wdt_ptr, rows, tok, tok_ok, D, BLOCK_D: tl.constexpr, EXACT_D: tl.constexpr):
+    """The whole-width rows of W_up and W_down^T (R, BLOCK_D) and x (T, BLOCK_D), loaded.
+
+    Slots past the kept rows read row 0 (callers leave rows 0 there) and sel zeroes them, so the
+    loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either. A mask costs a
+    predicate and a select per loaded value, and a thread holds hundreds."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    if EXACT_D:
+        wu = tl.load(wu_ptr + at)
+        wd = tl.load(wdt_ptr + at)
+    else:
+        wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
+        wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
+    xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+    return wu, wd, xv
+
+
+def _add_row_tiles(acc, wu, wd, xv, g, sel, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc (T, BLOCK_D) + (SiLU(g) * (x . W_up rows) where sel) . W_down^T rows, from loaded tiles."""
+    z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
+    return acc + _z_dot_tile(z, wd, T, USE_DOT, IEEE)
+
+
+def _top_slots(take, ch, g, R: tl.constexpr):
+    """One token: the first R channels of `take` (lowest first) as slots: (rows, their G, slot
+    holds one), rows 0 past the taken ones. A bitonic top-R of a key that ranks the taken channels
+    first and carries G along, a few shuffles a step (a one-hot (R, BLOCK_C) match, as several
+    tokens do, took a third of the batch-1 row phase's ~2,900 instructions a thread, stop 17's
+    SASS). Channels < 2^29."""
+    g_bits = tl.sum(g, axis=0).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    top = tl.topk(tl.where(take, 1 << 62, 0) | (((1 << 29) - ch).to(tl.int64) << 32) | g_bits, R)
+    held = top >= (1 << 62)
+    rows = tl.where(held, (1 << 29) - ((top >> 32) & ((1 << 30) - 1)), 0).to(tl.int32)
+    return rows, (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), held
+
+
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:  # both rows requested before any math (one round trip)
-        # Slots past the kept rows read row 0 (the caller leaves rows 0 there) and sel zeroes
-        # them, so the loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either.
-        # A mask costs a predicate and a select per loaded value, and a thread holds hundreds.
-        cols = tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        at = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        if EXACT_D:
-            wu = tl.load(wu_ptr + at)
-            wd = tl.load(wdt_ptr + at)
-        else:
-            wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
-            wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
-        xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-        z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
-        acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
+        wu, wd, xv = _row_tiles(x_ptr, wu_ptr, wdt_ptr, rows, tok, tok_ok, D, BLOCK_D, EXACT_D)
+        acc = _add_row_tiles(acc, wu, wd, xv, g, sel, T, USE_DOT, IEEE)
     else:
         u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, D, T, R, BLOCK_D, USE_DOT, IEEE)
         z = tl.where(sel, g * tl.sigmoid(g) * u, 0.0)
@@ -337,8 +352,8 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
     _after_previous(PDL)
     t = tl.program_id(0)
     hist = tl.load(hist_ptr + t * 256 + tl.arange(0, 256))
-    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, fine_ptr + t * 65536, F, K, 0, N_PAD, N_PAD,
-                              ROUND, POST_SILU, KEY16, RADIX_BITS)
+    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, hist, -1, fine_ptr + t * 65536, F, K, 0, N_PAD,
+                              N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
     tl.store(thr_ptr + t, thr.to(tl.int64))
     tl.store(cut_ptr + t, cut)
 
@@ -350,17 +365,18 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
-                   PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                   SPECULATE: tl.constexpr, PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
 
     HINT (one token, 16-bit keys): hint_ptr holds the threshold key of this layer's previous
-    call. Channels whose key is at least that less SLACK are likely kept, and their up and down
-    rows are asked of L2 (PREFETCH: compiled sm_90) while the threshold is found, which takes
-    round trips that leave memory idle otherwise. Only what is fetched early depends on the hint;
-    what is kept and computed never does. Program 0 writes this call's threshold key for the next
-    call; the other programs read the hint at their start, the old or the new one (either is a
-    fine guess: it only steers the prefetch)."""
+    call, a guess at this one's: the fine histogram's bins under its top byte are loaded at the
+    start (a round trip off the threshold when the guess holds), and with SPECULATE (whole-row
+    tiles) the first R channels whose key is at least the hint less SLACK have their up and down
+    rows loaded before the threshold is known, overlapping its round trips. Only what is loaded
+    early depends on the hint; what is kept and computed never does. Program 0 writes this call's
+    threshold key for the next call; the other programs read the hint at their start, the old
+    one or the new (either is a fair guess)."""
     _after_previous(PDL)
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
@@ -386,14 +402,22 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         if SELECT_HERE:  # the histogram asked for first: the threshold's round trips start it
             hist = tl.load(hist_ptr + tl.arange(0, 256))
+            fine_guess, guess_top = hist, -1
         if HINT:
-            likely = ch_ok & (tl.max(key, axis=0) >= tl.load(hint_ptr) - SLACK)
-            if PREFETCH:  # 16-bit keys: 16-bit weights
-                _prefetch_l2(wu_ptr, ch, likely, D, BLOCK_D)
-                _prefetch_l2(wdt_ptr, ch, likely, D, BLOCK_D)
+            hint = tl.load(hint_ptr)
+            guess_top = hint >> 8  # T's top byte, if T is near the last one: its fine bins now
+            at = guess_top * 256 + tl.arange(0, 256)
+            fine_guess = tl.load(fine_ptr + at, mask=at < 65536, other=0)
+        if SPECULATE:
+            # Round 0's rows are the first R the hint calls likely (key >= hint - SLACK), loaded
+            # while the threshold is found; which of them are kept is settled after it.
+            likely = ch_ok & (tl.max(key, axis=0) >= hint - SLACK)
+            spec = _top_slots(likely, ch, g, R)
+            wu0, wd0, xv0 = _row_tiles(x_ptr, wu_ptr, wdt_ptr, spec[0], tok, tok_ok, D, BLOCK_D, EXACT_D)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
-            thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_ptr, F, K, tl.program_id(0) * BLOCK_C,
-                                          BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+            thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_guess, guess_top, fine_ptr, F, K,
+                                          tl.program_id(0) * BLOCK_C, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
+                                          RADIX_BITS)
             if HINT:
                 if tl.program_id(0) == 0:
                     tl.store(hint_ptr, thr_1.to(tl.int32))
@@ -405,27 +429,26 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         sel = (key > thr[:, None]) | ((key == thr[:, None]) & (ch[None, :] <= cut[:, None]))
         sel = sel & ch_ok[None, :] & tok_ok[:, None]
     needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
-    n_needed = tl.sum(needed.to(tl.int32), axis=0)
     part = part_ptr + tl.program_id(0).to(tl.int64) * MAXR * D
     acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
+    if SPECULATE:  # the speculated rows that are kept count; the kept ones not among them follow
+        rows0, g0 = spec[0], spec[1]
+        key0 = _rank_key(_rank_score(g0, ROUND, POST_SILU), ROUND, KEY16)
+        kept0 = spec[2] & ((key0 > thr_1) | ((key0 == thr_1) & (rows0 <= cut_1)))
+        acc = _add_row_tiles(acc, wu0, wd0, xv0, g0[None, :], kept0[None, :], T, USE_DOT, IEEE)
+        needed = needed & ~(likely & (tl.cumsum(likely.to(tl.int32), axis=0) <= R))
+    n_needed = tl.sum(needed.to(tl.int32), axis=0)
     # Compact the needed rows into slots of R, so every load the program issues is a kept row
     # (masked-off rows would leave the memory system idle while the tile is computed). Slots past
     # the kept rows hold row 0.
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
     if T == 1:
-        # The round's slots are the top R of a key that ranks its kept channels first, lowest
-        # channel first, and carries their G along: a bitonic top-R, a few shuffles a step. (The
-        # one-hot (R, BLOCK_C) match of several tokens below took a third of the batch-1 row
-        # phase's ~2,900 instructions a thread, stop 17's SASS.) Channels < 2^29.
-        g_bits = tl.sum(g, axis=0).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        ch_key = ((1 << 29) - ch).to(tl.int64) << 32
         for first in range(0, n_needed, R):
-            top = tl.topk(tl.where(needed & (place >= first), 1 << 62, 0) | ch_key | g_bits, R)
-            kept = top >= (1 << 62)
-            rows = tl.where(kept, (1 << 29) - ((top >> 32) & ((1 << 30) - 1)), 0).to(tl.int32)
-            g_r = (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)[None, :]
-            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, kept, g_r, kept[None, :], tok, tok_ok,
-                               D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+            slots = _top_slots(needed & (place >= first), ch, g, R)
+            rows = slots[0]
+            g_r = slots[1][None, :]
+            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, slots[2], g_r, slots[2][None, :], tok,
+                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     else:
         for first in range(0, n_needed, R):
             want = first + tl.arange(0, R)
@@ -471,9 +494,9 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _prefetch_l2, _rank_score, _rank_key, _tie_cut,
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut,
                                                  _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _updown_rows)}
+                                                 _row_tiles, _add_row_tiles, _top_slots, _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
@@ -514,10 +537,10 @@ class LaunchConfig:
     # launch less, paid with the select's work repeated in each program); False launches
     # `_select_kernel` first. Several tokens always launch it.
     select_in_updown: bool = True
-    # One token, 16-bit pre-SiLU keys: read the layer's previous threshold as a hint and have L2
-    # fetch the rows likely kept (key >= hint - prefetch_slack) while the threshold is found.
-    prefetch: bool = False
-    prefetch_slack: int = 8  # in steps of the 16-bit key (a bf16 ulp: 0.4-0.8% of the value)
+    # One token, 16-bit pre-SiLU keys, whole-row tiles: load the first rows the layer's last
+    # threshold calls likely (key >= it - speculate_slack) while this call's threshold is found.
+    speculate: bool = False
+    speculate_slack: int = 8  # in steps of the 16-bit key (a bf16 ulp: 0.4-0.8% of the value)
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
@@ -526,8 +549,8 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
-        if self.prefetch_slack < 0:
-            raise ValueError(f"LaunchConfig.prefetch_slack = {self.prefetch_slack} must be at least 0")
+        if self.speculate_slack < 0:
+            raise ValueError(f"LaunchConfig.speculate_slack = {self.speculate_slack} must be at least 0")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -583,8 +606,8 @@ class DecodeScratch:
         # of two fills a little over half its lanes), hence at most this many updown programs.
         self.max_programs = -(-d_ffn // 8) + 1
         self.part = torch.empty(self.max_programs, max_rows, d_model, dtype=torch.float32, device=device)
-        # Per layer (its W_gate's address): the threshold key of its last one-token call, the
-        # prefetch's hint. Above every 16-bit key until a call writes one: nothing prefetched.
+        # Per layer (its W_gate's address): the threshold key of its last one-token call, a hint
+        # at the next one's. Above every 16-bit key until a call writes one: no guess.
         self.hints: dict[int, torch.Tensor] = {}
 
     def hint(self, w_gate: torch.Tensor) -> Optional[torch.Tensor]:
@@ -674,8 +697,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if tokens == 1:  # the slots are a top-R of the block's lanes (whole groups: whole powers of 2)
         slots = min(slots, cfg.updown_block_c if group is None else max(cfg.updown_block_c, triton.next_power_of_2(group[1])))
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
-    on_sm90 = pdl_runs_on(x.device)  # compiled for sm_90+: PDL and the bulk prefetch
-    pdl = cfg.pdl and on_sm90
+    pdl = cfg.pdl and pdl_runs_on(x.device)
     # launch_pdl is a launch option of compiled kernels only (the interpreter takes no such option)
     common["PDL"] = pdl
     launch = dict(launch_pdl=True) if pdl else {}
@@ -703,15 +725,14 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
-    hint = s.hint(w_gate) if select_here and rank["KEY16"] and cfg.prefetch else None
-    # the prefetch is PTX (the interpreter runs none), one line a thread over a whole-row tile
-    prefetch = hint is not None and on_sm90 and d_model <= cfg.updown_block_d
+    hint = s.hint(w_gate) if select_here and rank["KEY16"] else None
+    speculate = hint is not None and cfg.speculate and tokens == 1 and d_model <= cfg.updown_block_d
     # a register cap is a compile option of the CUDA backend (the interpreter takes none)
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, cfg.prefetch_slack, HINT=hint is not None,
-        PREFETCH=prefetch, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, cfg.speculate_slack, HINT=hint is not None,
+        SPECULATE=speculate, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
         R=slots, SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
         N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
