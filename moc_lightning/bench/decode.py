@@ -174,19 +174,16 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 # Candidates are changes to the current LAUNCH_CONFIGS / GROUPED_LAUNCH_CONFIGS entry (`dict()` is
 # the entry itself), so they follow the defaults: stop 15's choices, programmatic dependent launch
 # on for the row Top-K at batch 1 and for a:b groups at every batch.
-SPECULATE = dict(speculate=True)
 WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
     # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's and 17's
     # sweeps (H200) also: pdl off (+1.1 us), finish blocks of 32 and 64 columns (+0.3 and more),
-    # 8 warps uncapped (+4.2: one program an SM), an L2 prefetch of the rows the hint calls likely
-    # (bulk: +2.0, it held the threshold back 1.5 us; a line a thread: -0.1), and with the top-R
-    # slots: 16-channel programs (8 slots +1.8, 16 slots +5.8), 64-channel ones (+2.0), 8 slots on
-    # 2 warps (+1.6).
-    1: [dict(), dict(SPECULATE), dict(SPECULATE, updown_rows=8), dict(SPECULATE, speculate_slack=3),
-        dict(SPECULATE, speculate_slack=20), dict(updown_rows=8), dict(WARPS8), dict(WARPS8, **SPECULATE),
-        dict(WARPS8, **SPECULATE, updown_block_c=64)],
+    # 8 warps uncapped (+4.2: one program an SM), an L2 prefetch of the rows the threshold hint
+    # calls likely (bulk: +2.0, it held the threshold back 1.5 us; a line a thread: -0.1), and
+    # with the top-R slots: 16-channel programs (8 slots +1.8, 16 slots +5.8), 64-channel ones
+    # (+2.0), 8 slots on 2 warps (+1.6), the likely rows loaded before the threshold (+0.5 to +5).
+    1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

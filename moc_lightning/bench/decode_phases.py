@@ -11,9 +11,7 @@ up/down kernel reads the SM's %globaltimer at each phase boundary and stores it 
     threshold  row Top-K: T, off the fine histogram
     cut        row Top-K: the ties at T ranked (the selection is known)
     rows_done  its kept rows read and multiplied (the partial is in registers)
-    slots      one token: a round's kept rows picked for its slots (the last round's), past the
-               rows loaded early
-    early      speculate: the rows loaded before the threshold was known, multiplied (kept ones)
+    slots      one token: a round's kept rows picked for its slots (the last round's)
 
 For batch 1 at the 1B shapes (row Top-K and MoC_2:8, the default launch configs, or a change to
 them), it prints each stamp's minimum, median and maximum over the programs, in microseconds
@@ -40,7 +38,7 @@ import torch
 from moc_lightning.bench.common import Recorder
 
 BENCH = "decode_phases"
-STAMPS = ("start", "top", "threshold", "cut", "rows_done", "slots", "early")  # by slot
+STAMPS = ("start", "top", "threshold", "cut", "rows_done", "slots")  # by slot
 
 _STAMP_FN = '''
 def _stamp(ptr, slot, dep, ON: tl.constexpr):
@@ -78,9 +76,6 @@ _EDITS = (
      "    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
     ("            g_r = slots[1][None, :]\n",
      "            g_r = slots[1][None, :]\n            _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
-    ("        acc = _add_row_tiles(acc, wu0, wd0, xv0, g0[None, :], kept0[None, :], T, USE_DOT, IEEE)\n",
-     "        acc = _add_row_tiles(acc, wu0, wd0, xv0, g0[None, :], kept0[None, :], T, USE_DOT, IEEE)\n"
-     "        _stamp(stamp_ptr, 6, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"),
     ("s.thr if hint is None else hint,\n        d_model,", "s.thr if hint is None else hint,\n        STAMPS, d_model,"),
     ("_SHARED: dict[tuple, DecodeScratch] = {}", "_SHARED: dict[tuple, DecodeScratch] = {}\nSTAMPS = None"),
 )

@@ -7,7 +7,9 @@ Weights are channel-major: W_gate and W_up as nn.Linear holds them, (d_ffn, d) r
 down projection transposed once, W_down^T (d_ffn, d), so a kept channel's down row is contiguous.
 
 Row Top-K (k per token), three or four launches, each program writing only its own outputs (no
-program waits on or reads what another wrote in the same launch, so there is nothing to race):
+program waits on or reads what another wrote in the same launch, so there is nothing to race;
+the one exception, a one-token call's threshold hint for the next call, steers only which
+histogram bins are loaded early, never the result):
   1. `_gate_kernel`: G = x W_gate^T split over the channel blocks of many programs (all SMs), G
      written as float32 (tokens x d_ffn, a few KB), and a histogram of the rank keys' top bytes;
      16-bit keys also count in a fine histogram, one bin per key, and are written too (2 bytes a
@@ -267,31 +269,6 @@ def _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T: tl.
     tl.debug_barrier()  # the next round reads what this one wrote
 
 
-def _row_tiles(x_ptr, wu_ptr, wdt_ptr, rows, tok, tok_ok, D, BLOCK_D: tl.constexpr, EXACT_D: tl.constexpr):
-    """The whole-width rows of W_up and W_down^T (R, BLOCK_D) and x (T, BLOCK_D), loaded.
-
-    Slots past the kept rows read row 0 (callers leave rows 0 there) and sel zeroes them, so the
-    loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either. A mask costs a
-    predicate and a select per loaded value, and a thread holds hundreds."""
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    at = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    if EXACT_D:
-        wu = tl.load(wu_ptr + at)
-        wd = tl.load(wdt_ptr + at)
-    else:
-        wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
-        wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
-    xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-    return wu, wd, xv
-
-
-def _add_row_tiles(acc, wu, wd, xv, g, sel, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """acc (T, BLOCK_D) + (SiLU(g) * (x . W_up rows) where sel) . W_down^T rows, from loaded tiles."""
-    z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
-    return acc + _z_dot_tile(z, wd, T, USE_DOT, IEEE)
-
-
 def _top_slots(take, ch, g, R: tl.constexpr):
     """One token: the first R channels of `take` (lowest first) as slots: (rows, their G, slot
     holds one), rows 0 past the taken ones. A bitonic top-R of a key that ranks the taken channels
@@ -311,8 +288,21 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:  # both rows requested before any math (one round trip)
-        wu, wd, xv = _row_tiles(x_ptr, wu_ptr, wdt_ptr, rows, tok, tok_ok, D, BLOCK_D, EXACT_D)
-        acc = _add_row_tiles(acc, wu, wd, xv, g, sel, T, USE_DOT, IEEE)
+        # Slots past the kept rows read row 0 (the caller leaves rows 0 there) and sel zeroes
+        # them, so the loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either.
+        # A mask costs a predicate and a select per loaded value, and a thread holds hundreds.
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        if EXACT_D:
+            wu = tl.load(wu_ptr + at)
+            wd = tl.load(wdt_ptr + at)
+        else:
+            wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
+            wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
+        xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+        z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
+        acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
     else:
         u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, D, T, R, BLOCK_D, USE_DOT, IEEE)
         z = tl.where(sel, g * tl.sigmoid(g) * u, 0.0)
@@ -359,24 +349,24 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
 
 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
-                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR, SLACK,
+                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
-                   SPECULATE: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
 
     HINT (one token, 16-bit keys): hint_ptr holds the threshold key of this layer's previous
-    call, a guess at this one's: the fine histogram's bins under its top byte are loaded at the
-    start (a round trip off the threshold when the guess holds), and with SPECULATE (whole-row
-    tiles) the first R channels whose key is at least the hint less SLACK have their up and down
-    rows loaded before the threshold is known, overlapping its round trips. Only what is loaded
-    early depends on the hint; what is kept and computed never does. Program 0 writes this call's
-    threshold key for the next call; the other programs read the hint at their start, the old
-    one or the new (either is a fair guess)."""
+    call, a guess at this one's: the fine histogram's bins under its top byte are loaded with the
+    coarse histogram, a round trip off the threshold when the guess holds (1.28 against 1.54 us
+    into the launch, H200). What is kept never depends on the hint. Program 0 writes this call's
+    threshold key for the next call; the other programs read the hint at their start, the old one
+    or the new (either is a fair guess). Stop 17 also loaded the first rows the hint calls likely
+    before the threshold was known (commit 7ad36f6): the median program finished 1.3 us sooner,
+    but the programs left with a second round later, and the step took 17.7-22.2 against 17.2 us."""
     _after_previous(PDL)
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
@@ -408,12 +398,6 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             guess_top = hint >> 8  # T's top byte, if T is near the last one: its fine bins now
             at = guess_top * 256 + tl.arange(0, 256)
             fine_guess = tl.load(fine_ptr + at, mask=at < 65536, other=0)
-        if SPECULATE:
-            # Round 0's rows are the first R the hint calls likely (key >= hint - SLACK), loaded
-            # while the threshold is found; which of them are kept is settled after it.
-            likely = ch_ok & (tl.max(key, axis=0) >= hint - SLACK)
-            spec = _top_slots(likely, ch, g, R)
-            wu0, wd0, xv0 = _row_tiles(x_ptr, wu_ptr, wdt_ptr, spec[0], tok, tok_ok, D, BLOCK_D, EXACT_D)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
             thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_guess, guess_top, fine_ptr, F, K,
                                           tl.program_id(0) * BLOCK_C, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
@@ -431,12 +415,6 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
     part = part_ptr + tl.program_id(0).to(tl.int64) * MAXR * D
     acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
-    if SPECULATE:  # the speculated rows that are kept count; the kept ones not among them follow
-        rows0, g0 = spec[0], spec[1]
-        key0 = _rank_key(_rank_score(g0, ROUND, POST_SILU), ROUND, KEY16)
-        kept0 = spec[2] & ((key0 > thr_1) | ((key0 == thr_1) & (rows0 <= cut_1)))
-        acc = _add_row_tiles(acc, wu0, wd0, xv0, g0[None, :], kept0[None, :], T, USE_DOT, IEEE)
-        needed = needed & ~(likely & (tl.cumsum(likely.to(tl.int32), axis=0) <= R))
     n_needed = tl.sum(needed.to(tl.int32), axis=0)
     # Compact the needed rows into slots of R, so every load the program issues is a kept row
     # (masked-off rows would leave the memory system idle while the tile is computed). Slots past
@@ -496,7 +474,7 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
 _DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut,
                                                  _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _row_tiles, _add_row_tiles, _top_slots, _updown_rows)}
+                                                 _top_slots, _updown_rows)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
@@ -537,10 +515,6 @@ class LaunchConfig:
     # launch less, paid with the select's work repeated in each program); False launches
     # `_select_kernel` first. Several tokens always launch it.
     select_in_updown: bool = True
-    # One token, 16-bit pre-SiLU keys, whole-row tiles: load the first rows the layer's last
-    # threshold calls likely (key >= it - speculate_slack) while this call's threshold is found.
-    speculate: bool = False
-    speculate_slack: int = 8  # in steps of the 16-bit key (a bf16 ulp: 0.4-0.8% of the value)
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
@@ -549,8 +523,7 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
-        if self.speculate_slack < 0:
-            raise ValueError(f"LaunchConfig.speculate_slack = {self.speculate_slack} must be at least 0")
+
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -564,7 +537,8 @@ class LaunchConfig:
 # at batch 1 (row Top-K 21.0 against 22.5 us, with 32-channel up/down programs on 4 warps; a:b
 # 11.4 against 12.2 us) and for a:b groups at 2-8 (2-3.5%); the row Top-K at 2-8 ran 1-3% slower
 # with it. Stop 16 (H200), ties counted on the keys row: 16 row slots at batch 1 (17.8 against 18.2
-# us for 8; 16-channel programs 18.7-20.8).
+# us for 8; 16-channel programs 18.7-20.8). Stop 17 (H200, steps timed on fresh inputs), with the
+# unmasked tiles and top-R slots: 16 slots 17.2-17.4 us, 8 slots 17.9-18.3, 8 warps 17.6-20.3.
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=4, gate_block_d=2048, updown_block_c=32, updown_block_d=2048, updown_warps=4,
                     updown_rows=16, finish_block_d=16, pdl=True),
@@ -726,15 +700,14 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
     hint = s.hint(w_gate) if select_here and rank["KEY16"] else None
-    speculate = hint is not None and cfg.speculate and tokens == 1 and d_model <= cfg.updown_block_d
     # a register cap is a compile option of the CUDA backend (the interpreter takes none)
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, cfg.speculate_slack, HINT=hint is not None,
-        SPECULATE=speculate, BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2,
-        R=slots, SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, SELECT_HERE=select_here,
-        N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch, **regs)
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, BLOCK_C=block_c,
+        BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
+        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
+        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
