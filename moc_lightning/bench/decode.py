@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 import traceback
 from typing import Callable, Optional
@@ -69,7 +70,7 @@ def fresh_inputs(rows: int, dtype: torch.dtype, n: int = 7) -> Callable[[], torc
     input each call, as in decoding, so the MoC kernel's hint (the previous call's threshold) is a
     guess, never this call's own threshold. n is prime to the graphs' 20 calls."""
     xs = [torch.randn(rows, D, device="cuda", dtype=dtype) for _ in range(n)]
-    turn = iter(range(1 << 62))
+    turn = itertools.count()
     return lambda: xs[next(turn) % n]
 
 

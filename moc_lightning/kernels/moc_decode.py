@@ -147,10 +147,10 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row
 
     T's top byte comes from `hist`, the token's histogram of key top bytes (256 bins, loaded by
     the caller) the gate kernel's programs built with atomics (in an earlier launch;
-    `_finish_kernel` zeroes it). `fine_guess` is the caller's early load of the fine histogram's
-    bins under top byte `guess_top` (a guess; -1: none), used when the guess is right. 16-bit keys: the low byte comes
-    from the fine histogram (one bin per key), 256 bins under the top byte, so T is two 1 KB
-    loads and two scans. Where keys tie at T beyond what K takes, the window's own tied channels
+    `_finish_kernel` zeroes it). 16-bit keys: the low byte comes from the fine histogram (one bin
+    per key), 256 bins under the top byte, so T is two 1 KB loads and two scans; `fine_guess` is
+    the caller's early load of the bins under top byte `guess_top` (-1: no guess), which saves the
+    second load when the guess is right. Where keys tie at T beyond what K takes, the window's own tied channels
     are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has before B0: a
     count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
     CTA-wide count per RADIX_BITS round."""
@@ -422,10 +422,8 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
     if T == 1:
         for first in range(0, n_needed, R):
-            slots = _top_slots(needed & (place >= first), ch, g, R)
-            rows = slots[0]
-            g_r = slots[1][None, :]
-            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, slots[2], g_r, slots[2][None, :], tok,
+            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
+            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
                                tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     else:
         for first in range(0, n_needed, R):
@@ -523,7 +521,6 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
-
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -669,7 +666,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
     slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
     if tokens == 1:  # the slots are a top-R of the block's lanes (whole groups: whole powers of 2)
-        slots = min(slots, cfg.updown_block_c if group is None else max(cfg.updown_block_c, triton.next_power_of_2(group[1])))
+        lanes = cfg.updown_block_c if group is None else max(cfg.updown_block_c, triton.next_power_of_2(group[1]))
+        slots = min(slots, lanes)
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
     pdl = cfg.pdl and pdl_runs_on(x.device)
     # launch_pdl is a launch option of compiled kernels only (the interpreter takes no such option)
@@ -707,7 +705,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, BLOCK_C=block_c,
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
         SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
-        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common, **rank, **launch, **regs)
+        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common,
+        **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
