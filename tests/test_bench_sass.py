@@ -1,7 +1,7 @@
 """`moc_lightning.bench.sass`: the Triton kernels compiled to sm_90 SASS on the CPU. The row
 Top-K's placement must keep its layout (no shared-memory round trip: stop 13 found Triton 3.6
-inserting one around `tl.store`, about 40 instructions a chunk), and the bitmask kernels must
-read and write their dense tiles 16 bytes a thread."""
+inserting one around `tl.store`, about 40 instructions a chunk), the bitmask kernels must read and
+write their dense tiles 16 bytes a thread, and the decode up/down kernel must not spill."""
 
 from __future__ import annotations
 
@@ -69,6 +69,17 @@ def test_mask_kernels_access_dense_tiles_16_bytes_a_thread():
     # Forward: G and U read, Z' written; backward: grad_Z read, [Z' | grad_G' | grad_U'] written.
     assert records["mask_forward", "sass_16_byte_accesses"]["value"] >= 3
     assert records["mask_backward", "sass_16_byte_accesses"]["value"] >= 4
+
+
+def test_decode_updown_loads_whole_rows_16_bytes_a_thread_without_spilling():
+    """Batch 1's up/down kernel (16 slots of whole 2048-wide rows, 4 warps): each slot's up and
+    down row is read 16 bytes at a time (2 x 16 slots x 2 vectors a thread), and nothing spills:
+    the tiles take ~250 registers, a spill would put local memory in the row loop."""
+    records = _records("--kernel", "decode_updown")
+    assert records["decode_updown", "sass_instructions"]["target"] == "sm_90"
+    assert records["decode_updown", "sass_16_byte_accesses"]["value"] >= 64
+    spills = records["decode_updown", "sass_local_memory_ops"]
+    assert spills["value"] == 0, spills["ops"]
 
 
 def test_sass_refuses_the_interpreter_in_one_line():

@@ -25,9 +25,11 @@ from typing import Optional
 from moc_lightning.bench.common import emit
 
 BENCH = "sass"
-KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward")
+KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward", "decode_updown")
 # Shared-memory traffic and CTA barriers: in a one-warp kernel, layout conversions.
 SHARED_MEMORY_OPS = ("STS", "LDS", "BAR")
+# Local-memory traffic: registers spilled.
+LOCAL_MEMORY_OPS = ("STL", "LDL")
 
 
 def _row_topk_source(chunk: int, mask_out: bool = False):
@@ -75,6 +77,30 @@ def _mask_source(kernel: str, block_r: int = 1, words: int = 8, num_warps: int =
                      attrs={(i,): [["tt.divisibility", 16]] for i in aligned}), {"num_warps": num_warps}
 
 
+def _decode_updown_source():
+    """The MoC decode's up/down kernel as one bf16 token at the 1B shapes runs it (d 2048, d_ffn
+    5461, K 1024): the batch-1 launch config, the threshold found in every program, the hint."""
+    from triton.compiler import ASTSource
+
+    from moc_lightning.kernels import moc_decode as md
+
+    cfg = md.launch_config(1)
+    d_model, d_ffn = 2048, 5461
+    pointers = {"x_ptr": "*bf16", "wg_ptr": "*bf16", "g_ptr": "*fp32", "keys_ptr": "*i16", "hist_ptr": "*i32",
+                "fine_ptr": "*i32", "thr_ptr": "*i64", "cut_ptr": "*i32", "wu_ptr": "*bf16", "wdt_ptr": "*bf16",
+                "part_ptr": "*fp32", "hint_ptr": "*i32"}
+    signature = {**pointers, **{name: "i32" for name in ("D", "F", "K", "GROUP_A", "GROUP_B", "B", "MAXR")}}
+    constexprs = dict(T=1, BLOCK_C=cfg.updown_block_c, BLOCK_D=cfg.updown_block_d,
+                      R=min(cfg.updown_rows, cfg.updown_block_c), SINGLE=d_model <= cfg.updown_block_d,
+                      EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
+                      GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=8192 if d_ffn <= 8192 else 32768,
+                      RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True, HINT=True, PDL=cfg.pdl)
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = [i for i, name in enumerate(signature) if name in pointers or name in ("D", "MAXR")]
+    return ASTSource(fn=md._kernel(md._updown_kernel), signature=signature, constexprs=constexprs,
+                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned}), {"num_warps": cfg.updown_warps}
+
+
 def compile_sass(kernel: str, chunk: int = 128) -> str:
     """SASS text of `kernel` (one of KERNELS) compiled for sm_90."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -86,6 +112,8 @@ def compile_sass(kernel: str, chunk: int = 128) -> str:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel.startswith("mask_"):
         source, options = _mask_source(kernel)
+    elif kernel == "decode_updown":
+        source, options = _decode_updown_source()
     else:
         source, options = _row_topk_source(chunk, mask_out=kernel == "row_topk_mask")
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -135,6 +163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         emit(BENCH, "sass_shared_memory_ops", sum(counts[op] for op in SHARED_MEMORY_OPS), "instructions", **context,
              ops={op: counts[op] for op in SHARED_MEMORY_OPS})
         emit(BENCH, "sass_16_byte_accesses", wide_accesses(sass), "instructions", **context)
+        emit(BENCH, "sass_local_memory_ops", sum(counts[op] for op in LOCAL_MEMORY_OPS), "instructions", **context,
+             ops={op: counts[op] for op in LOCAL_MEMORY_OPS})
         if args.sass_out:
             with open(args.sass_out, "w") as f:
                 f.write(sass)
