@@ -184,7 +184,9 @@ SWEEP_ROW = {
     # calls likely (bulk: +2.0, it held the threshold back 1.5 us; a line a thread: -0.1), and
     # with the top-R slots: 16-channel programs (8 slots +1.8, 16 slots +5.8), 64-channel ones
     # (+2.0), 8 slots on 2 warps (+1.6), the likely rows loaded before the threshold (+0.5 to +5).
-    1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False)],
+    1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False),
+        # the gate (6.6 us against its 5.3 us floor): warps, and channels a program
+        dict(gate_warps=2), dict(gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8, gate_warps=8)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
