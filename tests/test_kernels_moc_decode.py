@@ -71,7 +71,7 @@ def test_matches_float64_reference(rows, group, placement):
     LaunchConfig(gate_block_c=32, gate_block_d=64, updown_block_c=64, updown_block_d=64, updown_rows=4),
     # batch 1's gate on an H200: few channels a program, each reading whole input rows; programmatic
     # dependent launch asked for, which runs only compiled on sm_90 (here it must be left out)
-    LaunchConfig(gate_block_c=4, gate_block_d=64, updown_block_c=16, updown_block_d=64, pdl=True),
+    LaunchConfig(gate_block_c=2, gate_block_d=64, gate_warps=8, updown_block_c=16, updown_block_d=64, pdl=True),
 ], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl"])
 def test_other_launch_configs(rows, config):
     wg, wu, wd = weights()

@@ -186,7 +186,7 @@ SWEEP_ROW = {
     # (+2.0), 8 slots on 2 warps (+1.6), the likely rows loaded before the threshold (+0.5 to +5).
     1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False),
         # the gate (6.6 us against its 5.3 us floor): warps, and channels a program
-        dict(gate_warps=4), dict(gate_warps=16), dict(gate_block_c=2), dict(gate_block_c=8)],
+        dict(gate_warps=4), dict(gate_warps=16), dict(gate_block_c=4), dict(gate_block_c=1)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

@@ -536,9 +536,10 @@ class LaunchConfig:
 # with it. Stop 16 (H200), ties counted on the keys row: 16 row slots at batch 1 (17.8 against 18.2
 # us for 8; 16-channel programs 18.7-20.8). Stop 17 (H200, steps timed on fresh inputs), with the
 # unmasked tiles and top-R slots: 16 slots 17.2-17.4 us, 8 slots 17.9-18.3, 8 warps 17.6-20.3;
-# the gate on 8 warps 15.89 us against 4 warps' 17.2 (2 warps 16.38, 2 channels a program 16.23).
+# the gate on 8 warps 15.89 us against 4 warps' 17.2 (2 warps 16.38, 2 channels a program 16.23),
+# then 2 channels a program on 8 warps 15.57 against 4 channels' 15.85 (8 channels 18.69).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
-    1: LaunchConfig(gate_block_c=4, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
+    1: LaunchConfig(gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
                     updown_warps=4, updown_rows=16, finish_block_d=16, pdl=True),
     2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
