@@ -526,8 +526,9 @@ class LaunchConfig:
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
 # the updown fields). The benchmark (`moc_lightning.bench.decode --sweep`) measures alternatives.
 # Batch 1's entries are the fastest of `--sweep` on an H100 (2026-11-25), and the row Top-K's gate
-# blocks (4 channels x all 2048 inputs) the fastest on an H200 (2026-11-30: gate 6.9 against 9.1
-# us, the step 25.1 against 27.0 us; BENCHMARKS.md). a:b groups at batch 1: 342 programs of two
+# blocks (whole 2048-wide input rows; 4 channels at stop 14, 2 on 8 warps since stop 17) the
+# fastest on an H200 (stop 14: gate 6.9 against 9.1 us, the step 25.1 against 27.0 us;
+# BENCHMARKS.md). a:b groups at batch 1: 342 programs of two
 # 8-channel groups, each reading its 16 gate rows whole and its 4 kept rows in one round, on 4
 # warps, and the finish on 16 columns a program (H200, stop 15: 12.2 against 21.3 us for 86
 # programs of 8 groups). Stop 15's sweep (H200) also chose programmatic dependent launch for both
