@@ -102,6 +102,21 @@ def test_ties_keep_exactly_k_lowest_index_first(k, dtype, block):
         assert not scratch.hist.any() and not scratch.fine.any()
 
 
+@pytest.mark.parametrize("group", [None, "2:8"])
+def test_one_token_slots_without_topk_are_the_same(monkeypatch, group):
+    """Triton before 3.4 has no tl.topk: one token's slots then come from the one-hot match of
+    several tokens, in the same order (lowest channel first), so the output is bit for bit the
+    same."""
+    import moc_lightning.kernels.moc_decode as md
+
+    wg, wu, wd = weights(dtype=torch.bfloat16)
+    x = torch.randn(1, D).to(torch.bfloat16)
+    config = LaunchConfig(gate_block_c=16, gate_block_d=32, updown_block_c=32, updown_block_d=64, updown_rows=4)
+    with_topk = run(x, wg, wu, wd, k=40, group=group, config=config)
+    monkeypatch.setattr(md, "HAS_TOPK", False)
+    assert torch.equal(run(x, wg, wu, wd, k=40, group=group, config=config), with_topk)
+
+
 def test_bfloat16_ranks_the_rounded_gate():
     wg, wu, wd = weights(dtype=torch.bfloat16)
     x = torch.randn(3, D).to(torch.bfloat16)

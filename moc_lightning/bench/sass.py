@@ -94,7 +94,8 @@ def _decode_updown_source():
                       R=min(cfg.updown_rows, cfg.updown_block_c), SINGLE=d_model <= cfg.updown_block_d,
                       EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
                       GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=8192 if d_ffn <= 8192 else 32768,
-                      RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True, HINT=True, PDL=cfg.pdl)
+                      RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True, HINT=True,
+                      TOPK=md.HAS_TOPK, PDL=cfg.pdl)
     signature.update({name: "constexpr" for name in constexprs})
     aligned = [i for i, name in enumerate(signature) if name in pointers or name in ("D", "MAXR")]
     return ASTSource(fn=md._kernel(md._updown_kernel), signature=signature, constexprs=constexprs,

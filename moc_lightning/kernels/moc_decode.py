@@ -77,6 +77,8 @@ except ImportError:  # the package still imports; `runs_on` answers False everyw
     HAS_TRITON = False
     HAS_PDL = False
 
+# tl.topk (Triton 3.4+) picks one token's slots; older Tritons take the one-hot match of batches 2-8.
+HAS_TOPK = HAS_TRITON and hasattr(tl, "topk")
 # Tokens per step the kernels take (a decode batch); more rows go to the plain path.
 MAX_ROWS = 8
 # A token's whole G row is held by one program in the select: d_ffn up to this many channels.
@@ -355,7 +357,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
-                   PDL: tl.constexpr):
+                   TOPK: tl.constexpr, PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
 
@@ -420,7 +422,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     # (masked-off rows would leave the memory system idle while the tile is computed). Slots past
     # the kept rows hold row 0.
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
-    if T == 1:
+    if TOPK and T == 1:
         for first in range(0, n_needed, R):
             rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
             acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
@@ -668,7 +670,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     post_silu = placement == "post_silu"
     common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
     slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
-    if tokens == 1:  # the slots are a top-R of the block's lanes (whole groups: whole powers of 2)
+    if tokens == 1 and HAS_TOPK:  # the slots are a top-R of the block's lanes (whole groups: powers of 2)
         lanes = cfg.updown_block_c if group is None else max(cfg.updown_block_c, triton.next_power_of_2(group[1]))
         slots = min(slots, lanes)
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
@@ -705,7 +707,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, BLOCK_C=block_c,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
         SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
         SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common,
