@@ -80,6 +80,7 @@ def _mask_source(kernel: str, block_r: int = 1, words: int = 8, num_warps: int =
 def _decode_updown_source():
     """The MoC decode's up/down kernel as one bf16 token at the 1B shapes runs it (d 2048, d_ffn
     5461, K 1024): the batch-1 launch config, the threshold found in every program, the hint."""
+    import triton
     from triton.compiler import ASTSource
 
     from moc_lightning.kernels import moc_decode as md
@@ -93,7 +94,7 @@ def _decode_updown_source():
     constexprs = dict(T=1, BLOCK_C=cfg.updown_block_c, BLOCK_D=cfg.updown_block_d,
                       R=min(cfg.updown_rows, cfg.updown_block_c), SINGLE=d_model <= cfg.updown_block_d,
                       EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
-                      GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=8192 if d_ffn <= 8192 else 32768,
+                      GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=triton.next_power_of_2(d_ffn),
                       RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True, HINT=True,
                       TOPK=md.HAS_TOPK, PDL=cfg.pdl)
     signature.update({name: "constexpr" for name in constexprs})

@@ -152,9 +152,9 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row
     `_finish_kernel` zeroes it). 16-bit keys: the low byte comes from the fine histogram (one bin
     per key), 256 bins under the top byte, so T is two 1 KB loads and two scans; `fine_guess` is
     the caller's early load of the bins under top byte `guess_top` (-1: no guess), which saves the
-    second load when the guess is right. Where keys tie at T beyond what K takes, the window's own tied channels
-    are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has before B0: a
-    count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
+    second load when the guess is right. Where keys tie at T beyond what K takes, the window's own
+    tied channels are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has
+    before B0: a count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
     CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
     if KEY16:  # the key loads first, in flight with the histograms' (only ties need them)
@@ -670,9 +670,6 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     post_silu = placement == "post_silu"
     common = dict(T=tokens, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32)
     slots = max(cfg.updown_rows, 16) if cfg.use_dot else cfg.updown_rows
-    if tokens == 1 and HAS_TOPK:  # the slots are a top-R of the block's lanes (whole groups: powers of 2)
-        lanes = cfg.updown_block_c if group is None else max(cfg.updown_block_c, triton.next_power_of_2(group[1]))
-        slots = min(slots, lanes)
     rank = dict(ROUND=rounding, POST_SILU=post_silu, KEY16=rounding != 0 and not post_silu)
     pdl = cfg.pdl and pdl_runs_on(x.device)
     # launch_pdl is a launch option of compiled kernels only (the interpreter takes no such option)
@@ -702,6 +699,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
+    if tokens == 1 and HAS_TOPK:  # the slots are a top-R of the block's lanes
+        slots = min(slots, block_c)
     hint = s.hint(w_gate) if select_here and rank["KEY16"] else None
     # a register cap is a compile option of the CUDA backend (the interpreter takes none)
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
