@@ -80,14 +80,15 @@ def test_other_launch_configs(rows, config):
         assert rel(run(x, wg, wu, wd, k=33, group=group, config=config), reference(x, wg, wu, wd, 33, group, "pre_silu")) < 1e-5
 
 
-@pytest.mark.parametrize("block", [32, 16])
+@pytest.mark.parametrize("block, channels", [(32, None), (16, None), (32, 21)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-radix", "bf16-fine-histogram"])
 @pytest.mark.parametrize("k", [1, 17, 99, 100])
-def test_ties_keep_exactly_k_lowest_index_first(k, dtype, block):
+def test_ties_keep_exactly_k_lowest_index_first(k, dtype, block, channels):
     """Only 5 distinct gate rows: G ties everywhere. Exactly k channels are kept; among tied
     channels at the threshold the lowest indices, which is the reference mask's stable order.
     float32 keys go through the radix rounds, bf16 ones through the fine histogram. One token: each
-    up/down program ranks its block's tied channels after those before it (blocks of 32 or 16)."""
+    up/down program ranks its block's tied channels after those before it (blocks of 32 or 16
+    lanes; 21 channels on 32 lanes, so blocks start off the 8-key grid the keys row is read on)."""
     d, d_ffn = 32, 100
     distinct = torch.randn(5, d)
     wg = distinct[torch.randint(0, 5, (d_ffn,))].contiguous()
@@ -96,7 +97,8 @@ def test_ties_keep_exactly_k_lowest_index_first(k, dtype, block):
     x = torch.randn(2, d).to(dtype)
     scratch = DecodeScratch(d, d_ffn, x.device)
     for rows in (1, 2):
-        out = run(x[:rows], wg, wu, wd, k=k, scratch=scratch, config=dataclasses.replace(SMALL, updown_block_c=block))
+        config = dataclasses.replace(SMALL, updown_block_c=block, updown_channels=channels)
+        out = run(x[:rows], wg, wu, wd, k=k, scratch=scratch, config=config)
         ref = reference(x[:rows], wg, wu, wd, k, None, "pre_silu", rank_dtype=dtype if dtype != torch.float32 else f64)
         assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
         assert not scratch.hist.any() and not scratch.fine.any()
@@ -160,6 +162,9 @@ def test_programmatic_dependent_launch_only_where_compiled_for_sm90():
 def test_too_small_updown_block_is_refused():
     with pytest.raises(ValueError, match="updown_block_c = 8 must be at least 16"):
         LaunchConfig(updown_block_c=8)
+    for channels in (7, 33):
+        with pytest.raises(ValueError, match=rf"updown_channels = {channels} must be in \[8, updown_block_c = 32\]"):
+            LaunchConfig(updown_block_c=32, updown_channels=channels)
 
 
 def test_threshold_hint_is_each_layers_last_and_never_changes_the_output():

@@ -90,7 +90,7 @@ def _decode_updown_source():
     pointers = {"x_ptr": "*bf16", "wg_ptr": "*bf16", "g_ptr": "*fp32", "keys_ptr": "*i16", "hist_ptr": "*i32",
                 "fine_ptr": "*i32", "thr_ptr": "*i64", "cut_ptr": "*i32", "wu_ptr": "*bf16", "wdt_ptr": "*bf16",
                 "part_ptr": "*fp32", "hint_ptr": "*i32"}
-    signature = {**pointers, **{name: "i32" for name in ("D", "F", "K", "GROUP_A", "GROUP_B", "B", "MAXR")}}
+    signature = {**pointers, **{name: "i32" for name in ("D", "F", "K", "GROUP_A", "GROUP_B", "B", "MAXR", "CH")}}
     constexprs = dict(T=1, BLOCK_C=cfg.updown_block_c, BLOCK_D=cfg.updown_block_d,
                       R=min(cfg.updown_rows, cfg.updown_block_c), SINGLE=d_model <= cfg.updown_block_d,
                       EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,

@@ -154,7 +154,8 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row
     the caller's early load of the bins under top byte `guess_top` (-1: no guess), which saves the
     second load when the guess is right. Where keys tie at T beyond what K takes, the window's own
     tied channels are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has
-    before B0: a count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
+    before B0: a count, not a scan of the row (a scan of 8,192 lanes is ~1,700 instructions a
+    thread more, stop 18's SASS). 32-bit keys: the lower bits are searched over G's keys, a
     CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
     if KEY16:  # the key loads first, in flight with the histograms' (only ties need them)
@@ -162,23 +163,35 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row
         before = offs < B0
         win = B0 + tl.arange(0, W)
         win_ok = win < F
-        keys_before = tl.load(key_row_ptr + offs, mask=before, other=0).to(tl.int32) & 0xFFFF
+        # loaded up to B0 rounded up to 8 keys (the mask then holds for whole 16-byte loads; the
+        # scratch row has the room), counted below B0
+        upto = tl.multiple_of((B0 + 7) // 8 * 8, 8)
+        keys_before = tl.load(key_row_ptr + offs, mask=offs < upto, other=0).to(tl.int32) & 0xFFFF
         keys_win = tl.load(key_row_ptr + win, mask=win_ok, other=0).to(tl.int32) & 0xFFFF
-    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # #keys whose top byte >= bin
-    top = tl.max(tl.where(at_or_above >= K, bins, 0), axis=0)
+    # Every CTA-wide scan or reduction is a shared-memory round with barriers (two each, on 4
+    # warps), and the threshold is a chain of them, so each step below is one scan and one sum
+    # of a packed value: since the suffix counts fall with the bin, the bins whose count reaches
+    # K are exactly bins 0..top, so top = their number - 1 and the keys above top are the other
+    # bins' sum (the count below 2^20, as F <= MAX_SELECT_WIDTH).
+    at_or_above = tl.cumsum(hist, axis=0, reverse=True)  # #keys whose top byte >= bin
+    packed = tl.sum(tl.where(at_or_above >= K, 1 << 20, hist), axis=0)
+    top = (packed >> 20) - 1
     if KEY16:
-        above_top = tl.sum(tl.where(bins > top, hist, 0), axis=0)
+        above_top = packed & 0xFFFFF
         if top == guess_top:  # the guessed bins are the right ones: one round trip less
             fine = fine_guess
         else:
             fine = tl.load(fine_row_ptr + top * 256 + bins)
-        fine_at_or_above = above_top + tl.sum(fine, axis=0) - tl.cumsum(fine, axis=0) + fine
-        low = tl.max(tl.where(fine_at_or_above >= K, bins, 0), axis=0)
+        fine_at_or_above = above_top + tl.cumsum(fine, axis=0, reverse=True)
+        # bins reaching K (low = their number - 1), those passing K, and the keys above low
+        packed = tl.sum(tl.where(fine_at_or_above >= K, (1 << 40) + ((fine_at_or_above > K).to(tl.int64) << 20),
+                                 fine.to(tl.int64)), axis=0)
+        low = (packed >> 40).to(tl.int32) - 1
         thr = top * 256 + low
-        need = K - above_top - tl.sum(tl.where(bins > low, fine, 0), axis=0)
         cut = F
-        if tl.sum(tl.where(bins == low, fine, 0), axis=0) > need:  # ties at T: keep the first `need`
-            rest = need - tl.sum((before & (keys_before == thr)).to(tl.int32), axis=0)  # kept from B0 on
+        if ((packed >> 20) & 0xFFFFF) == (packed >> 40):  # bin low passes K too: ties at T, keep the first
+            need = K - above_top - (packed & 0xFFFFF).to(tl.int32)  # `need` of them; from B0 on, `rest`
+            rest = need - tl.sum((before & (keys_before == thr)).to(tl.int32), axis=0)
             cut = tl.where(rest > 0, _tie_cut(win_ok & (keys_win == thr), rest, win, N_PAD), -1)
     else:
         offs = tl.arange(0, N_PAD)
@@ -351,7 +364,7 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
 
 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
-                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR,
+                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR, CH,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
@@ -368,7 +381,12 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     threshold key for the next call; the other programs read the hint at their start, the old one
     or the new (either is a fair guess). Stop 17 also loaded the first rows the hint calls likely
     before the threshold was known (commit 7ad36f6): the median program finished 1.3 us sooner,
-    but the programs left with a second round later, and the step took 17.7-22.2 against 17.2 us."""
+    but the programs left with a second round later, and the step took 17.7-22.2 against 17.2 us.
+
+    Row Top-K: a program takes CH <= BLOCK_C channels (its lanes past CH idle), so the programs can
+    number about the SMs (5461 channels: 131 programs of 42, not 171 of 32)."""
+    if HINT:  # written by this layer's last call, launches ago: read before the wait, off the critical path
+        hint = tl.load(hint_ptr)
     _after_previous(PDL)
     lane = tl.arange(0, BLOCK_C)
     tok = tl.arange(0, T)
@@ -388,21 +406,20 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         rank = tl.sum(beats.to(tl.int32), axis=2)
         sel = (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
     else:
-        ch = tl.program_id(0) * BLOCK_C + lane
-        ch_ok = ch < F
+        ch = tl.program_id(0) * CH + lane
+        ch_ok = (lane < CH) & (ch < F)
         g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         if SELECT_HERE:  # the histogram asked for first: the threshold's round trips start it
             hist = tl.load(hist_ptr + tl.arange(0, 256))
             fine_guess, guess_top = hist, -1
         if HINT:
-            hint = tl.load(hint_ptr)
             guess_top = hint >> 8  # T's top byte, if T is near the last one: its fine bins now
             at = guess_top * 256 + tl.arange(0, 256)
             fine_guess = tl.load(fine_ptr + at, mask=at < 65536, other=0)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
             thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_guess, guess_top, fine_ptr, F, K,
-                                          tl.program_id(0) * BLOCK_C, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
+                                          tl.program_id(0) * CH, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
                                           RADIX_BITS)
             if HINT:
                 if tl.program_id(0) == 0:
@@ -502,6 +519,9 @@ class LaunchConfig:
     gate_block_d: int = 512
     gate_warps: int = 4
     updown_block_c: int = 32  # at least 16 (the partials buffer is sized for that)
+    # Row Top-K: channels a program takes, 8..updown_block_c (None: updown_block_c); fewer than
+    # its lanes lets the programs number about the SMs, where a power of two would not
+    updown_channels: Optional[int] = None
     updown_block_d: int = 256
     updown_warps: int = 4
     updown_rows: int = 8  # kept rows a program loads at once (16 at least with use_dot)
@@ -523,6 +543,9 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
+        if self.updown_channels is not None and not 8 <= self.updown_channels <= self.updown_block_c:
+            raise ValueError(f"LaunchConfig.updown_channels = {self.updown_channels} must be in [8, updown_block_c = "
+                             f"{self.updown_block_c}]")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -574,8 +597,10 @@ class DecodeScratch:
         self.hist = torch.zeros(max_rows, 256, dtype=torch.int32, device=device)
         # One bin per 16-bit key (bf16/fp16 ranked before SiLU): the select reads T off it.
         self.fine = torch.zeros(max_rows, 65536, dtype=torch.int32, device=device)
-        # The 16-bit keys themselves (wrapped into int16): ties at T are counted on these.
-        self.keys = torch.zeros(max_rows, d_ffn, dtype=torch.int16, device=device)
+        # The 16-bit keys themselves (wrapped into int16): ties at T are counted on these. A row
+        # is read in 16-byte pieces, so the last one may run up to 7 keys past the row's end.
+        self._keys = torch.zeros(max_rows * d_ffn + 8, dtype=torch.int16, device=device)
+        self.keys = self._keys[:max_rows * d_ffn].view(max_rows, d_ffn)
         self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
         # A block of at least 16 lanes holds at least 8 channels (a:b groups: b just above a power
@@ -691,11 +716,13 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                 s.g, s.keys, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
                 num_warps=cfg.select_warps, PDL=pdl, **rank, **launch)
         block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
-        grid = triton.cdiv(d_ffn, block_c)
+        channels = cfg.updown_channels or block_c
+        grid = triton.cdiv(d_ffn, channels)
     else:
         group_a, group_b = group
         group_p2 = triton.next_power_of_2(group_b)
         block_c = max(cfg.updown_block_c, group_p2)
+        channels = block_c  # unused: a:b programs take whole groups
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
@@ -706,7 +733,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, channels, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
         SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
         SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common,
