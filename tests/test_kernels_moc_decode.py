@@ -72,7 +72,10 @@ def test_matches_float64_reference(rows, group, placement):
     # batch 1's gate on an H200: few channels a program, each reading whole input rows; programmatic
     # dependent launch asked for, which runs only compiled on sm_90 (here it must be left out)
     LaunchConfig(gate_block_c=2, gate_block_d=64, gate_warps=8, updown_block_c=16, updown_block_d=64, pdl=True),
-], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl"])
+    # whole rows, slots past the kept rows not read, and (one token) rounds of few rows on half the slots
+    LaunchConfig(gate_block_c=16, gate_block_d=64, updown_block_c=32, updown_block_d=64, updown_rows=8,
+                 updown_skip_unheld=True, updown_small_round=True),
+], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl", "skip-unheld-small-round"])
 def test_other_launch_configs(rows, config):
     wg, wu, wd = weights()
     x = torch.randn(rows, D)

@@ -184,13 +184,17 @@ SWEEP_ROW = {
     # calls likely (bulk: +2.0, it held the threshold back 1.5 us; a line a thread: -0.1), and
     # with the top-R slots: 16-channel programs (8 slots +1.8, 16 slots +5.8), 64-channel ones
     # (+2.0), 8 slots on 2 warps (+1.6), the likely rows loaded before the threshold (+0.5 to +5).
-    1: [dict(), dict(updown_rows=8), dict(WARPS8),
-        # about one up/down program an SM (5461 channels: 131 programs of 42 on 64 lanes, 114 of
-        # 48) rather than 171 programs of 32 on 132 SMs, so no SM runs two
-        dict(updown_block_c=64, updown_channels=42), dict(updown_block_c=64, updown_channels=42, updown_warps=8),
-        dict(updown_block_c=64, updown_channels=48), dict(updown_block_c=64, updown_channels=48, updown_warps=8),
-        # the gate (5.7 us against its 5.3 us floor): warps, and channels a program
-        dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
+    # Stop 18's first call (H200), against the default's 15.85 us: 131 programs of 42 channels on
+    # 64 lanes, about one an SM (+1.05 on 4 warps, +0.9 on 8; 114 of 48: +0.9, +1.1), 8 slots
+    # (+1.0), the gate on 4 warps (+0.3) or on one channel a program (+2.4).
+    1: [dict(), dict(WARPS8), dict(gate_block_c=4),
+        # fewer row-0 reads in the row phase: rounds of few rows on half the slots, or no reads
+        # past the kept rows (masks)
+        dict(updown_small_round=True), dict(updown_skip_unheld=True),
+        dict(updown_small_round=True, updown_skip_unheld=True), dict(WARPS8, updown_small_round=True),
+        dict(gate_block_c=4, updown_small_round=True),
+        # about one up/down program an SM (5461 channels: 131 programs of 42 on 64 lanes)
+        dict(updown_block_c=64, updown_channels=42, updown_small_round=True)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

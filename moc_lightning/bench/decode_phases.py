@@ -73,9 +73,12 @@ _EDITS = (
     ("    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part",
      "    _stamp(stamp_ptr, 4, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"
      "    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
-    ("            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n",
-     "            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n"
-     "            _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
+    ("                rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n",
+     "                rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n"
+     "                _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
+    ("                rows_h, g_h, held_h = _top_slots(needed & (place >= first), ch, g, R // 2)\n",
+     "                rows_h, g_h, held_h = _top_slots(needed & (place >= first), ch, g, R // 2)\n"
+     "                _stamp(stamp_ptr, 5, tl.sum(rows_h, axis=0), True)\n"),
     ("s.thr if hint is None else hint,\n        d_model,", "s.thr if hint is None else hint,\n        STAMPS, d_model,"),
     ("_SHARED: dict[tuple, DecodeScratch] = {}", "_SHARED: dict[tuple, DecodeScratch] = {}\nSTAMPS = None"),
 )

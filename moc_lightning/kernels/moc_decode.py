@@ -299,7 +299,7 @@ def _top_slots(take, ch, g, R: tl.constexpr):
 
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
-                 USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                 SKIP: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:  # both rows requested before any math (one round trip)
@@ -309,7 +309,15 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         at = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        if EXACT_D:
+        if SKIP:
+            # Slots past the kept rows are not read: each such read of row 0 is L2 traffic (16
+            # slots for ~6 kept rows, all programs on the same row), for a predicate a 16-byte
+            # load. Up rows past them are left undefined (sel selects 0 for their z); down rows
+            # are zeroed, as 0 times an undefined value need not be 0.
+            ok = row_ok[:, None] & col_ok[None, :]
+            wu = tl.load(wu_ptr + at, mask=ok)
+            wd = tl.load(wdt_ptr + at, mask=ok, other=0.0)
+        elif EXACT_D:
             wu = tl.load(wu_ptr + at)
             wd = tl.load(wdt_ptr + at)
         else:
@@ -357,7 +365,8 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
     _after_previous(PDL)
     t = tl.program_id(0)
     hist = tl.load(hist_ptr + t * 256 + tl.arange(0, 256))
-    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, hist, -1, fine_ptr + t * 65536, F, K, 0, N_PAD,
+    # the window starts at 0, passed as a value: tl.multiple_of (in the threshold) takes no constant
+    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, hist, -1, fine_ptr + t * 65536, F, K, t * 0, N_PAD,
                               N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
     tl.store(thr_ptr + t, thr.to(tl.int64))
     tl.store(cut_ptr + t, cut)
@@ -366,7 +375,8 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
                    hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR, CH,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, GATE_D: tl.constexpr,
+                   R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, SKIP: tl.constexpr,
+                   SMALL_ROUND: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
@@ -441,9 +451,15 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
     if TOPK and T == 1:
         for first in range(0, n_needed, R):
-            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
-            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
-                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+            if SMALL_ROUND and n_needed - first <= R // 2:  # few rows left: a tile of half the slots
+                rows_h, g_h, held_h = _top_slots(needed & (place >= first), ch, g, R // 2)
+                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows_h, held_h, g_h[None, :],
+                                   held_h[None, :], tok, tok_ok, D, T, R // 2, BLOCK_D, SINGLE, EXACT_D, SKIP, USE_DOT,
+                                   IEEE)
+            else:
+                rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
+                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :],
+                                   tok, tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, SKIP, USE_DOT, IEEE)
     else:
         for first in range(0, n_needed, R):
             want = first + tl.arange(0, R)
@@ -452,7 +468,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
             sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
             acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
-                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, SKIP, USE_DOT, IEEE)
     if SINGLE:
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
@@ -525,6 +541,12 @@ class LaunchConfig:
     updown_block_d: int = 256
     updown_warps: int = 4
     updown_rows: int = 8  # kept rows a program loads at once (16 at least with use_dot)
+    # whole-row tiles (d_model <= updown_block_d): slots past a program's kept rows are not read
+    # (a predicate a load) rather than read as row 0 (no mask, but L2 traffic)
+    updown_skip_unheld: bool = False
+    # one token: a round with at most half the slots to fill loads a tile of half the rows (the
+    # same unmasked loads, but fewer row-0 reads); a second copy of the round's code
+    updown_small_round: bool = False
     # registers a thread may use in the up/down kernel (None: the compiler's choice); a cap lets
     # two 8-warp programs share an SM
     updown_maxnreg: Optional[int] = None
@@ -735,7 +757,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
         d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, channels, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
-        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
+        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, SKIP=cfg.updown_skip_unheld,
+        SMALL_ROUND=cfg.updown_small_round, GATE_D=cfg.gate_block_d,
         SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common,
         **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
@@ -757,8 +780,14 @@ def moc_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     """
     out, stages = decode_stages(x, w_gate, w_up, w_down_t, k=k, group=group, placement=placement,
                                 scratch=scratch, config=config)
-    for launch in stages.values():
-        launch()
+    try:
+        for launch in stages.values():
+            launch()
+    except BaseException:
+        # a launch that fails (a compile error, an interrupt) leaves the gate's counts in the shared
+        # histograms, which only the finish clears: the next call would rank on them
+        scratch.clear_counts()
+        raise
     return out
 
 
