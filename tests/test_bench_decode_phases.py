@@ -15,9 +15,9 @@ from moc_lightning.bench import decode_phases
 def test_instrumented_copy_builds_from_the_current_kernels():
     src = decode_phases.instrumented_source()
     ast.parse(src)
-    # the kernels' stamps: start, slots (a full round or a half one) and rows_done in the up/down kernel, cut after its
+    # the kernels' stamps: start, slots and rows_done in the up/down kernel, cut after its
     # threshold, top and threshold inside the select (switched off in the select launch)
-    assert src.count("_stamp(stamp_ptr, ") == 5 and src.count("_stamp(STAMP_PTR, ") == 2
+    assert src.count("_stamp(stamp_ptr, ") == 4 and src.count("_stamp(STAMP_PTR, ") == 2
     assert "_row_threshold(thr_ptr, False, " in src and "_row_threshold(stamp_ptr, True, " in src
     module = decode_phases.load_instrumented()
     assert hasattr(module, "_stamp") and module.STAMPS is None

@@ -184,18 +184,16 @@ SWEEP_ROW = {
     # calls likely (bulk: +2.0, it held the threshold back 1.5 us; a line a thread: -0.1), and
     # with the top-R slots: 16-channel programs (8 slots +1.8, 16 slots +5.8), 64-channel ones
     # (+2.0), 8 slots on 2 warps (+1.6), the likely rows loaded before the threshold (+0.5 to +5).
-    # Stop 18's first call (H200), against the default's 15.85 us: 131 programs of 42 channels on
-    # 64 lanes, about one an SM (+1.05 on 4 warps, +0.9 on 8; 114 of 48: +0.9, +1.1), 8 slots
-    # (+1.0), the gate on 4 warps (+0.3) or on one channel a program (+2.4). Its second call,
-    # against 15.44 us: 8 warps capped (+0.9), 4 channels a gate program (+0.6), rounds of few
-    # rows on half the slots (+0.15; the median program done 1.3 us sooner, the slowest not), no
-    # reads past the kept rows (+0.8; with the half rounds +0.6), 131 programs of 42 (+1.7).
-    1: [dict(), dict(updown_small_round=True),
-        # two up/down programs on every SM (5461 channels: 261 programs of 21, 228 of 24), not two
-        # on 39 of the 132 SMs and one on the rest; the slowest program sets the step
-        dict(updown_channels=21, updown_small_round=True), dict(updown_channels=21),
-        dict(updown_channels=21, updown_rows=8, updown_small_round=True),
-        dict(updown_channels=24, updown_small_round=True), dict(updown_channels=28, updown_small_round=True)],
+    # Stop 18's calls (H200; the kernel variants in commits 21519f4 and ed07b63, since taken out),
+    # against the default's 15.3-15.8 us: 131 programs of 42 channels on 64 lanes, about one an
+    # SM (+1.05 on 4 warps, +0.9 on 8; 114 of 48: +0.9, +1.1; with half rounds +1.7), 261 of 21,
+    # two on every SM (+2.9 to +3.4; 228 of 24 +0.5, 196 of 28 +0.4), rounds of few rows on half
+    # the slots (+0.1 twice: the median program done 1.3 us sooner, the slowest not), no reads
+    # past the kept rows (+0.8), 8 slots (+1.0), 8 warps capped (+0.9), the gate on 4 warps
+    # (+0.3), on 4 channels a program (+0.1, +0.6) or on one (+2.4).
+    1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False),
+        # the gate (5.7 us against its 5.3 us floor): warps, and channels a program
+        dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
     2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

@@ -73,12 +73,9 @@ _EDITS = (
     ("    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part",
      "    _stamp(stamp_ptr, 4, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"
      "    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
-    ("                rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n",
-     "                rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n"
-     "                _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
-    ("                rows_h, g_h, held_h = _top_slots(needed & (place >= first), ch, g, R // 2)\n",
-     "                rows_h, g_h, held_h = _top_slots(needed & (place >= first), ch, g, R // 2)\n"
-     "                _stamp(stamp_ptr, 5, tl.sum(rows_h, axis=0), True)\n"),
+    ("            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n",
+     "            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n"
+     "            _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),
     ("s.thr if hint is None else hint,\n        d_model,", "s.thr if hint is None else hint,\n        STAMPS, d_model,"),
     ("_SHARED: dict[tuple, DecodeScratch] = {}", "_SHARED: dict[tuple, DecodeScratch] = {}\nSTAMPS = None"),
 )
@@ -151,7 +148,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     scratch = md.DecodeScratch(D, D_FFN, torch.device("cuda"))
     md.STAMPS = torch.zeros(scratch.max_programs, 8, dtype=torch.int64, device="cuda")
     for kind, group in (("moc", None), ("moc_2:8", GROUP)):
-        cfg = dataclasses.replace(md.launch_config(1, grouped=group is not None), **change)
+        try:  # a change may not fit both kinds' configs (more channels than a:b's 16-lane blocks)
+            cfg = dataclasses.replace(md.launch_config(1, grouped=group is not None), **change)
+        except ValueError as exc:
+            print(f"{kind}: skipped, {exc}", file=sys.stderr)
+            continue
         x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
 
         def step(x=x):

@@ -90,11 +90,10 @@ def _decode_updown_source():
     pointers = {"x_ptr": "*bf16", "wg_ptr": "*bf16", "g_ptr": "*fp32", "keys_ptr": "*i16", "hist_ptr": "*i32",
                 "fine_ptr": "*i32", "thr_ptr": "*i64", "cut_ptr": "*i32", "wu_ptr": "*bf16", "wdt_ptr": "*bf16",
                 "part_ptr": "*fp32", "hint_ptr": "*i32"}
-    signature = {**pointers, **{name: "i32" for name in ("D", "F", "K", "GROUP_A", "GROUP_B", "B", "MAXR", "CH")}}
+    signature = {**pointers, **{name: "i32" for name in ("D", "F", "K", "GROUP_A", "GROUP_B", "B", "MAXR")}}
     constexprs = dict(T=1, BLOCK_C=cfg.updown_block_c, BLOCK_D=cfg.updown_block_d,
                       R=min(cfg.updown_rows, cfg.updown_block_c), SINGLE=d_model <= cfg.updown_block_d,
-                      EXACT_D=d_model == cfg.updown_block_d, SKIP=cfg.updown_skip_unheld,
-                      SMALL_ROUND=cfg.updown_small_round, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
+                      EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
                       GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=triton.next_power_of_2(d_ffn),
                       RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True, HINT=True,
                       TOPK=md.HAS_TOPK, PDL=cfg.pdl)

@@ -154,8 +154,7 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row
     the caller's early load of the bins under top byte `guess_top` (-1: no guess), which saves the
     second load when the guess is right. Where keys tie at T beyond what K takes, the window's own
     tied channels are ranked after those the keys row (the gate kernel's, 2 bytes a channel) has
-    before B0: a count, not a scan of the row (a scan of 8,192 lanes is ~1,700 instructions a
-    thread more, stop 18's SASS). 32-bit keys: the lower bits are searched over G's keys, a
+    before B0: a count, not a scan of the row. 32-bit keys: the lower bits are searched over G's keys, a
     CTA-wide count per RADIX_BITS round."""
     bins = tl.arange(0, 256)
     if KEY16:  # the key loads first, in flight with the histograms' (only ties need them)
@@ -163,16 +162,13 @@ def _row_threshold(g_row_ptr, key_row_ptr, hist, fine_guess, guess_top, fine_row
         before = offs < B0
         win = B0 + tl.arange(0, W)
         win_ok = win < F
-        # loaded up to B0 rounded up to 8 keys (the mask then holds for whole 16-byte loads; the
-        # scratch row has the room), counted below B0
-        upto = tl.multiple_of((B0 + 7) // 8 * 8, 8)
-        keys_before = tl.load(key_row_ptr + offs, mask=offs < upto, other=0).to(tl.int32) & 0xFFFF
+        keys_before = tl.load(key_row_ptr + offs, mask=before, other=0).to(tl.int32) & 0xFFFF
         keys_win = tl.load(key_row_ptr + win, mask=win_ok, other=0).to(tl.int32) & 0xFFFF
     # Every CTA-wide scan or reduction is a shared-memory round with barriers (two each, on 4
     # warps), and the threshold is a chain of them, so each step below is one scan and one sum
     # of a packed value: since the suffix counts fall with the bin, the bins whose count reaches
     # K are exactly bins 0..top, so top = their number - 1 and the keys above top are the other
-    # bins' sum (the count below 2^20, as F <= MAX_SELECT_WIDTH).
+    # bins' sum (the count below 2^20, as F <= MAX_SELECT_WIDTH). 25 barriers, not 40 (stop 18).
     at_or_above = tl.cumsum(hist, axis=0, reverse=True)  # #keys whose top byte >= bin
     packed = tl.sum(tl.where(at_or_above >= K, 1 << 20, hist), axis=0)
     top = (packed >> 20) - 1
@@ -299,7 +295,7 @@ def _top_slots(take, ch, g, R: tl.constexpr):
 
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
-                 SKIP: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:  # both rows requested before any math (one round trip)
@@ -309,15 +305,7 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         at = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        if SKIP:
-            # Slots past the kept rows are not read: each such read of row 0 is L2 traffic (16
-            # slots for ~6 kept rows, all programs on the same row), for a predicate a 16-byte
-            # load. Up rows past them are left undefined (sel selects 0 for their z); down rows
-            # are zeroed, as 0 times an undefined value need not be 0.
-            ok = row_ok[:, None] & col_ok[None, :]
-            wu = tl.load(wu_ptr + at, mask=ok)
-            wd = tl.load(wdt_ptr + at, mask=ok, other=0.0)
-        elif EXACT_D:
+        if EXACT_D:
             wu = tl.load(wu_ptr + at)
             wd = tl.load(wdt_ptr + at)
         else:
@@ -365,18 +353,16 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
     _after_previous(PDL)
     t = tl.program_id(0)
     hist = tl.load(hist_ptr + t * 256 + tl.arange(0, 256))
-    # the window starts at 0, passed as a value: tl.multiple_of (in the threshold) takes no constant
-    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, hist, -1, fine_ptr + t * 65536, F, K, t * 0, N_PAD,
+    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, hist, -1, fine_ptr + t * 65536, F, K, 0, N_PAD,
                               N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
     tl.store(thr_ptr + t, thr.to(tl.int64))
     tl.store(cut_ptr + t, cut)
 
 
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
-                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR, CH,
+                   hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, SKIP: tl.constexpr,
-                   SMALL_ROUND: tl.constexpr, GATE_D: tl.constexpr,
+                   R: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, GATE_D: tl.constexpr,
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
@@ -392,9 +378,11 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     or the new (either is a fair guess). Stop 17 also loaded the first rows the hint calls likely
     before the threshold was known (commit 7ad36f6): the median program finished 1.3 us sooner,
     but the programs left with a second round later, and the step took 17.7-22.2 against 17.2 us.
-
-    Row Top-K: a program takes CH <= BLOCK_C channels (its lanes past CH idle), so the programs can
-    number about the SMs (5461 channels: 131 programs of 42, not 171 of 32)."""
+    Stop 18 timed three more ways to a lighter row phase, and took them out: 131 programs of 42
+    channels on 64 lanes, about one an SM (commit 21519f4; 16.9 against 15.4 us), rounds of few
+    rows on half the slots, and masked loads past the kept rows (commit ed07b63; 15.4-15.6 and
+    16.3 against 15.3-15.4 us: the median program was done 1.3 us sooner with half rounds, but
+    the slowest program, which sets the step, was not)."""
     if HINT:  # written by this layer's last call, launches ago: read before the wait, off the critical path
         hint = tl.load(hint_ptr)
     _after_previous(PDL)
@@ -416,8 +404,8 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         rank = tl.sum(beats.to(tl.int32), axis=2)
         sel = (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
     else:
-        ch = tl.program_id(0) * CH + lane
-        ch_ok = (lane < CH) & (ch < F)
+        ch = tl.program_id(0) * BLOCK_C + lane
+        ch_ok = ch < F
         g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
         if SELECT_HERE:  # the histogram asked for first: the threshold's round trips start it
@@ -429,7 +417,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             fine_guess = tl.load(fine_ptr + at, mask=at < 65536, other=0)
         if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
             thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_guess, guess_top, fine_ptr, F, K,
-                                          tl.program_id(0) * CH, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
+                                          tl.program_id(0) * BLOCK_C, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
                                           RADIX_BITS)
             if HINT:
                 if tl.program_id(0) == 0:
@@ -451,15 +439,9 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
     if TOPK and T == 1:
         for first in range(0, n_needed, R):
-            if SMALL_ROUND and n_needed - first <= R // 2:  # few rows left: a tile of half the slots
-                rows_h, g_h, held_h = _top_slots(needed & (place >= first), ch, g, R // 2)
-                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows_h, held_h, g_h[None, :],
-                                   held_h[None, :], tok, tok_ok, D, T, R // 2, BLOCK_D, SINGLE, EXACT_D, SKIP, USE_DOT,
-                                   IEEE)
-            else:
-                rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
-                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :],
-                                   tok, tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, SKIP, USE_DOT, IEEE)
+            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
+            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
+                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     else:
         for first in range(0, n_needed, R):
             want = first + tl.arange(0, R)
@@ -468,7 +450,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
             sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
             acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
-                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, SKIP, USE_DOT, IEEE)
+                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     if SINGLE:
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
@@ -535,18 +517,9 @@ class LaunchConfig:
     gate_block_d: int = 512
     gate_warps: int = 4
     updown_block_c: int = 32  # at least 16 (the partials buffer is sized for that)
-    # Row Top-K: channels a program takes, 8..updown_block_c (None: updown_block_c); fewer than
-    # its lanes lets the programs number about the SMs, where a power of two would not
-    updown_channels: Optional[int] = None
     updown_block_d: int = 256
     updown_warps: int = 4
     updown_rows: int = 8  # kept rows a program loads at once (16 at least with use_dot)
-    # whole-row tiles (d_model <= updown_block_d): slots past a program's kept rows are not read
-    # (a predicate a load) rather than read as row 0 (no mask, but L2 traffic)
-    updown_skip_unheld: bool = False
-    # one token: a round with at most half the slots to fill loads a tile of half the rows (the
-    # same unmasked loads, but fewer row-0 reads); a second copy of the round's code
-    updown_small_round: bool = False
     # registers a thread may use in the up/down kernel (None: the compiler's choice); a cap lets
     # two 8-warp programs share an SM
     updown_maxnreg: Optional[int] = None
@@ -565,9 +538,6 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
-        if self.updown_channels is not None and not 8 <= self.updown_channels <= self.updown_block_c:
-            raise ValueError(f"LaunchConfig.updown_channels = {self.updown_channels} must be in [8, updown_block_c = "
-                             f"{self.updown_block_c}]")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -619,10 +589,8 @@ class DecodeScratch:
         self.hist = torch.zeros(max_rows, 256, dtype=torch.int32, device=device)
         # One bin per 16-bit key (bf16/fp16 ranked before SiLU): the select reads T off it.
         self.fine = torch.zeros(max_rows, 65536, dtype=torch.int32, device=device)
-        # The 16-bit keys themselves (wrapped into int16): ties at T are counted on these. A row
-        # is read in 16-byte pieces, so the last one may run up to 7 keys past the row's end.
-        self._keys = torch.zeros(max_rows * d_ffn + 8, dtype=torch.int16, device=device)
-        self.keys = self._keys[:max_rows * d_ffn].view(max_rows, d_ffn)
+        # The 16-bit keys themselves (wrapped into int16): ties at T are counted on these.
+        self.keys = torch.zeros(max_rows, d_ffn, dtype=torch.int16, device=device)
         self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
         # A block of at least 16 lanes holds at least 8 channels (a:b groups: b just above a power
@@ -738,13 +706,11 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                 s.g, s.keys, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
                 num_warps=cfg.select_warps, PDL=pdl, **rank, **launch)
         block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
-        channels = cfg.updown_channels or block_c
-        grid = triton.cdiv(d_ffn, channels)
+        grid = triton.cdiv(d_ffn, block_c)
     else:
         group_a, group_b = group
         group_p2 = triton.next_power_of_2(group_b)
         block_c = max(cfg.updown_block_c, group_p2)
-        channels = block_c  # unused: a:b programs take whole groups
         grid = triton.cdiv(triton.cdiv(d_ffn, group_b), block_c // group_p2)
     if grid > s.max_programs:
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
@@ -755,10 +721,9 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
         x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, channels, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
-        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, SKIP=cfg.updown_skip_unheld,
-        SMALL_ROUND=cfg.updown_small_round, GATE_D=cfg.gate_block_d,
+        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
         SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common,
         **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
