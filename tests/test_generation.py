@@ -170,3 +170,19 @@ def test_compiled_decode_step_reaches_the_kernel_through_its_custom_op(monkeypat
     assert compiled.tokens == plain.tokens
     assert traced.count("moc_lightning.moc_decode.default") == model.cfg.n_layers
     assert len(launched) == 5 * model.cfg.n_layers and all(shape == (1, model.cfg.d_model) for shape in launched)
+
+
+def test_cache_keeps_a_tensor_a_layer_and_writes_the_step_in_place():
+    """One tensor a layer, written in place at the step's slots: torch.compile turned writes
+    through views of one (n_layers, ...) tensor into a copy of the whole cache every step."""
+    from moc_lightning.models.kv_cache import KVCache
+
+    cfg = ModelConfig.from_preset("llama-tiny", ffn={"kind": "swiglu"})
+    cache = KVCache(cfg, batch=2, max_len=8)
+    assert len(cache.keys) == len(cache.values) == cfg.n_layers
+    k, v = torch.randn(2, 1, cfg.n_kv_heads, cfg.head_dim), torch.randn(2, 1, cfg.n_kv_heads, cfg.head_dim)
+    keys, values = cache.write(1, torch.tensor([3]), k, v)
+    assert keys is cache.keys[1] and values is cache.values[1]
+    assert torch.equal(keys[:, 3], k[:, 0]) and torch.equal(values[:, 3], v[:, 0])
+    assert not keys[:, :3].any() and not keys[:, 4:].any()
+    assert not cache.keys[0].any() and not cache.values[0].any()

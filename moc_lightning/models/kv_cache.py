@@ -13,15 +13,20 @@ from moc_lightning.models.config import ModelConfig
 
 
 class KVCache:
-    """keys/values: (n_layers, batch, max_len, n_kv_heads, head_dim); filled: (batch, max_len), True
-    where a slot holds a real (non-pad) token."""
+    """keys/values: one (batch, max_len, n_kv_heads, head_dim) tensor a layer; filled: (batch,
+    max_len), True where a slot holds a real (non-pad) token.
+
+    A tensor a layer, not one (n_layers, ...) tensor written through views: torch.compile turns an
+    in-place write into a view of a step's input into a copy of the whole input, so a compiled
+    step rewrote the whole cache, twice, at every token (~140 us a step for llama-1b on an H200,
+    stop 18's `bench.decode_profile`); a write into a whole input is done in place."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, device=None, dtype=torch.float32):
         if batch < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.filled = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.slot_ids = torch.arange(max_len, device=device)
 
