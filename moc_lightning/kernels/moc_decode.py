@@ -379,11 +379,11 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     before the threshold was known (commit 7ad36f6): the median program finished 1.3 us sooner,
     but the programs left with a second round later, and the step took 17.7-22.2 against 17.2 us.
     Stop 18 timed three more ways to a lighter row phase, and took them out: 131 programs of 42
-    channels on 64 lanes, about one an SM (commit 21519f4; 16.9 against 15.4 us), rounds of few
+    channels on 64 lanes, about one an SM (commit 21519f4; 16.9 against 15.9 us), rounds of few
     rows on half the slots, and masked loads past the kept rows (commit ed07b63; 15.4-15.6 and
     16.3 against 15.3-15.4 us: the median program was done 1.3 us sooner with half rounds, but
     the slowest program, which sets the step, was not)."""
-    if HINT:  # written by this layer's last call, launches ago: read before the wait, off the critical path
+    if HINT:  # written by this layer's last call, launches ago: read before the wait, which its round trip overlaps
         hint = tl.load(hint_ptr)
     _after_previous(PDL)
     lane = tl.arange(0, BLOCK_C)

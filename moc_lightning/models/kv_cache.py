@@ -18,8 +18,8 @@ class KVCache:
 
     A tensor a layer, not one (n_layers, ...) tensor written through views: torch.compile turns an
     in-place write into a view of a step's input into a copy of the whole input, so a compiled
-    step rewrote the whole cache, twice, at every token (~140 us a step for llama-1b on an H200,
-    stop 18's `bench.decode_profile`); a write into a whole input is done in place."""
+    step copied the whole cache and wrote it back at every token (about 300 us of a llama-1b
+    step on an H200, stop 18's `bench.decode_profile`); a write into a whole input is done in place."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, device=None, dtype=torch.float32):
         if batch < 1 or max_len < 1:
