@@ -10,7 +10,10 @@ import pytest
 from moc_lightning.bench import decode_profile
 
 
-def test_profiles_each_kind_largest_first(tmp_path):
+def test_profiles_each_kind_largest_first(tmp_path, monkeypatch):
+    # the plain MoC path on CPU: other test modules turn the Triton interpreter on, which would
+    # send the MoC step through the (slow, interpreted) decode kernel
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     path = tmp_path / "profile.jsonl"
     assert decode_profile.main(["--model", "llama-tiny", "--prompt", "8", "--steps", "2", "--top", "3",
                                 "--out", str(path)]) == 0
