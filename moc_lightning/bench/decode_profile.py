@@ -29,6 +29,12 @@ from moc_lightning.bench.common import Recorder
 
 BENCH = "decode_profile"
 KINDS = (("swiglu", None), ("moc", None), ("moc", "2:8"))
+WARM_STEPS = 3  # decode steps before the profile: the first compiles and captures
+
+
+def cache_length(prompt: int, steps: int) -> int:
+    """Cache slots a profile needs: the prompt, the warm-up steps, the profiled and the timed steps."""
+    return prompt + WARM_STEPS + 2 * steps
 
 
 def profile_step(model, prompt: torch.Tensor, steps: int) -> tuple[dict[str, list[float]], float]:
@@ -38,8 +44,7 @@ def profile_step(model, prompt: torch.Tensor, steps: int) -> tuple[dict[str, lis
 
     cuda = prompt.device.type == "cuda"
     length = prompt.shape[1]
-    warm = 3
-    cache = model.new_cache(1, length + warm + 2 * steps)
+    cache = model.new_cache(1, cache_length(length, steps))
     positions = torch.arange(length, device=prompt.device)
     logits = model.forward_cached(prompt, cache, positions[None], positions)[:, -1]
     step = DecodeStep(model, cache, cuda_graph=cuda, compile=cuda, compile_mode="default")
@@ -52,7 +57,7 @@ def profile_step(model, prompt: torch.Tensor, steps: int) -> tuple[dict[str, lis
             logits = step(logits.argmax(-1), first + at, length + at)
             at += 1
 
-    run(warm)  # compiles and captures
+    run(WARM_STEPS)
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         run(steps)
@@ -67,9 +72,7 @@ def profile_step(model, prompt: torch.Tensor, steps: int) -> tuple[dict[str, lis
         spent = event.device_time_total if cuda else event.self_cpu_time_total
         per_step[event.name][0] += spent / steps
         per_step[event.name][1] += 1 / steps
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the profiled steps have finished (synchronized above)
     run(steps)
     if cuda:
         torch.cuda.synchronize()
@@ -97,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
     for kind, group in KINDS:
         ffn = {"kind": kind, "topk_backend": "torch", **({"group": group} if group else {})}
-        cfg = ModelConfig.from_preset(args.model, ffn=ffn, max_seq_len=args.prompt + 3 + 2 * args.steps)
+        cfg = ModelConfig.from_preset(args.model, ffn=ffn, max_seq_len=cache_length(args.prompt, args.steps))
         with torch.device(device):
             model = MoCTransformer(cfg).to(dtype).eval()
         if kind == "moc":
