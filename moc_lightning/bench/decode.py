@@ -394,13 +394,80 @@ def check_model_float32(out: Recorder, prompt_len: int) -> bool:
     return out.check("correct/model/moc_float32_step_logits_vs_plain", err < 1e-4, rel_err=err, layers=4, batch=2)
 
 
-def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: str) -> None:
+def bench_attention(out: Recorder, length: int, filled: int, batches: list[int]) -> bool:
+    """One llama-1b layer's decode attention (32 heads of 64, bf16) over a cache of `length` slots
+    of which the first `filled` are written: SDPA with its mask (the backend it picks, and each
+    backend forced) against the split-cache kernel, each from a CUDA graph of back-to-back calls
+    that walk 32 caches (as the layers do: a cache is not still in L2 when its layer comes back),
+    with the floor: the written keys and values, q and the output, over the copy bandwidth."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from moc_lightning.kernels import decode_attention as da
+
+    heads, head_dim, caches = 32, 64, 32
+    ok = True
+    for batch in batches:
+        kv = [(torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16),
+               torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16)) for _ in range(caches)]
+        q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        allowed = torch.zeros(batch, length, dtype=torch.bool, device="cuda")
+        allowed[:, :filled] = True
+        mask = allowed[:, None, None, :]
+        turn = itertools.count()
+
+        def kernel_call():
+            keys, values = kv[next(turn) % caches]
+            return da.decode_attention(q, keys, values, allowed)
+
+        def sdpa_call():
+            keys, values = kv[next(turn) % caches]
+            return F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                                  attn_mask=mask)[:, :, 0]
+
+        ctx = dict(batch=batch, heads=heads, head_dim=head_dim, cache=length, filled=filled, dtype="bfloat16")
+        keys, values = kv[0]
+        scores = torch.einsum("bhd,blhd->bhl", q.double(), keys.double()) / head_dim**0.5
+        ref = torch.einsum("bhl,blhd->bhd", scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1),
+                           values.double())
+        turn = itertools.count()  # the first call reads kv[0]
+        err = rel_error(kernel_call(), ref)
+        ok &= out.check(f"correct/attention/batch{batch}/kernel_vs_float64", err < 1e-2, rel_err=err, **ctx)
+        floor = floor_ms(2 * (2 * batch * filled * heads * head_dim + 2 * batch * heads * head_dim)) * 1e3
+        kernel_us = graphed_ms(kernel_call, reps=caches) * 1e3
+        out.emit(f"attention/batch{batch}/kernel", kernel_us, "us", floor_us=floor, of_floor=kernel_us / floor,
+                 pieces=da.AttentionLaunch().pieces(batch * heads, length)[0], **ctx)
+        for label, backends in (("sdpa", None), ("sdpa_cudnn", [SDPBackend.CUDNN_ATTENTION]),
+                                ("sdpa_efficient", [SDPBackend.EFFICIENT_ATTENTION]), ("sdpa_math", [SDPBackend.MATH])):
+            try:
+                if backends is None:
+                    us = graphed_ms(sdpa_call, reps=caches) * 1e3
+                else:
+                    with sdpa_kernel(backends):
+                        us = graphed_ms(sdpa_call, reps=caches) * 1e3
+            except Exception as exc:  # a backend that does not take these inputs
+                out.emit(f"attention/batch{batch}/{label}/error", 0.0, "error", error=repr(exc)[:200], **ctx)
+                continue
+            out.emit(f"attention/batch{batch}/{label}", us, "us", floor_us=floor, kernel_speedup=us / kernel_us, **ctx)
+        del kv
+        torch.cuda.empty_cache()
+    return ok
+
+
+MODEL_MODES = ("eager", "cudagraph", "compiled_cudagraph")
+
+
+def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: str,
+                attentions: tuple[str, ...] = ("kernel",), modes: tuple[str, ...] = MODEL_MODES) -> None:
+    """llama-1b decode tokens/s of dense, MoC and MoC_2:8, each step's attention by the split-cache
+    kernel ("kernel", as `prepare_for_decode` sets it) or by SDPA ("sdpa"); then each MoC kind's
+    ratio to dense in the same mode and attention."""
     from moc_lightning.inference import DecodeStep, generate
     from moc_lightning.models import ModelConfig, MoCTransformer
     from moc_lightning.models.config import FFN_KEYS
 
     torch.manual_seed(0)
     prompt = torch.randint(0, 32000, (1, prompt_len), device="cuda")
+    rates: dict[tuple[str, str, str], float] = {}
     for kind, group in (("swiglu", None), ("moc", None), ("moc", "2:8")):
         # The 128-token prefill of MoC runs the plain PyTorch path (not timed on its own here).
         ffn = {"kind": kind, "topk_backend": "torch", **({"moc_kernel": "torch"} if "moc_kernel" in FFN_KEYS else {}),
@@ -408,13 +475,12 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: s
         cfg = ModelConfig.from_preset("llama-1b", ffn=ffn, max_seq_len=prompt_len + new_tokens)
         with torch.device("cuda"):
             model = MoCTransformer(cfg).to(torch.bfloat16).eval()
-        if kind == "moc":
-            model.prepare_for_decode()
+        model.prepare_for_decode()
         kind = kind if group is None else f"moc_{group}"
         ctx = dict(model="llama-1b", ffn=model.layers[0].mlp.cfg.label, weights="random", batch=1, prompt=prompt_len,
                    new_tokens=new_tokens, dtype="bfloat16")
         with torch.no_grad():
-            if kind == "moc":  # one decode step, kernel vs plain path, same cache contents
+            if kind == "moc":  # one decode step, kernels vs plain path, same cache contents
                 cache = model.new_cache(1, prompt_len + 1)
                 model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None], torch.arange(prompt_len, device="cuda"))
                 pos = torch.full((1, 1), prompt_len, device="cuda")
@@ -427,42 +493,52 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: s
                 # choice) and 24 random layers amplify that; the float32 check below is the strict one.
                 out.emit("model/moc/bf16_step_logits_rel_diff_vs_plain", rel_error(with_kernel.float(), plain.float()),
                          "rel", **ctx)
-            # eager launches; the eager step captured in a CUDA graph; torch.compile'd (inductor in
-            # compile_mode; MoC's kernel as its custom op) and then captured.
-            for label, graph, compiled in (("eager", False, False), ("cudagraph", True, False),
-                                           ("compiled_cudagraph", True, True)):
-                try:
-                    t_build = time.perf_counter()
-                    cache = model.new_cache(1, prompt_len + new_tokens)
-                    logits = model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None],
-                                                  torch.arange(prompt_len, device="cuda"))[:, -1]
-                    step = DecodeStep(model, cache, cuda_graph=graph, compile=compiled, compile_mode=compile_mode)
-                    first = torch.full((1,), prompt_len, device="cuda")  # positions stay on the device: no sync
-                    logits = step(logits.argmax(-1), first, prompt_len)  # the first step compiles / captures
+            for attention in attentions:
+                for layer in model.layers:
+                    layer.self_attn.decode_kernel = attention == "kernel"
+                name = f"model/{kind}/attn_{attention}"
+                # eager launches; the eager step captured in a CUDA graph; torch.compile'd (inductor in
+                # compile_mode; the kernels as custom ops) and then captured.
+                for label in modes:
+                    graph, compiled = label != "eager", label == "compiled_cudagraph"
+                    try:
+                        t_build = time.perf_counter()
+                        cache = model.new_cache(1, prompt_len + new_tokens)
+                        logits = model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None],
+                                                      torch.arange(prompt_len, device="cuda"))[:, -1]
+                        step = DecodeStep(model, cache, cuda_graph=graph, compile=compiled, compile_mode=compile_mode)
+                        first = torch.full((1,), prompt_len, device="cuda")  # positions stay on the device: no sync
+                        logits = step(logits.argmax(-1), first, prompt_len)  # the first step compiles / captures
+                        torch.cuda.synchronize()
+                        build_s = time.perf_counter() - t_build
+                        t0 = time.perf_counter()
+                        for t in range(1, new_tokens):
+                            logits = step(logits.argmax(-1), first + t, prompt_len + t)
+                        torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - t0
+                    except Exception as exc:  # e.g. a compile failure: record it, time the rest
+                        traceback.print_exc()
+                        out.emit(f"{name}/decode_{label}/error", 0.0, "error", error=repr(exc)[:300], **ctx)
+                        continue
+                    rates[kind, attention, label] = (new_tokens - 1) / elapsed
+                    out.emit(f"{name}/decode_tokens_per_s_{label}", rates[kind, attention, label], "tokens/s",
+                             ms_per_token=elapsed / (new_tokens - 1) * 1e3, first_step_s=build_s, **ctx)
+                    del step, cache
+                    if compiled:
+                        continue
                     torch.cuda.synchronize()
-                    build_s = time.perf_counter() - t_build
                     t0 = time.perf_counter()
-                    for t in range(1, new_tokens):
-                        logits = step(logits.argmax(-1), first + t, prompt_len + t)
+                    generate(model, prompt, max_new_tokens=new_tokens, cuda_graph=graph)
                     torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - t0
-                except Exception as exc:  # e.g. a compile failure: record it, time the rest
-                    traceback.print_exc()
-                    out.emit(f"model/{kind}/decode_{label}/error", 0.0, "error", error=repr(exc)[:300], **ctx)
-                    continue
-                out.emit(f"model/{kind}/decode_tokens_per_s_{label}", (new_tokens - 1) / elapsed, "tokens/s",
-                         ms_per_token=elapsed / (new_tokens - 1) * 1e3, first_step_s=build_s, **ctx)
-                del step, cache
-                if compiled:
-                    continue
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                generate(model, prompt, max_new_tokens=new_tokens, cuda_graph=graph)
-                torch.cuda.synchronize()
-                out.emit(f"model/{kind}/generate_s_{label}", time.perf_counter() - t0, "s",
-                         note="prefill + graph capture + decode", **ctx)
+                    out.emit(f"{name}/generate_s_{label}", time.perf_counter() - t0, "s",
+                             note="prefill + graph capture + decode", **ctx)
         del model
         torch.cuda.empty_cache()
+    for (kind, attention, label), rate in rates.items():
+        dense = rates.get(("swiglu", attention, label))
+        if kind != "swiglu" and dense:
+            out.emit(f"model/{kind}/attn_{attention}/vs_dense_{label}", rate / dense, "x", tokens_per_s=rate,
+                     dense_tokens_per_s=dense)
 
 
 def section(out: Recorder, name: str, run: Callable[[], object]) -> bool:
@@ -489,10 +565,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model-compile-mode", default="default",
                         help="torch.compile mode of the whole-model decode step (the default mode leaves its "
                              "GEMVs to cuBLAS; max-autotune-no-cudagraphs also tries Triton's)")
+    parser.add_argument("--attention", default="kernel",
+                        help="the model steps' attention, comma-separated: kernel (the split-cache kernel, what "
+                             "prepare_for_decode sets), sdpa")
+    parser.add_argument("--model-modes", default=",".join(MODEL_MODES),
+                        help=f"whole-model decode modes, comma-separated, of {', '.join(MODEL_MODES)}")
+    parser.add_argument("--attention-bench", default="1,8",
+                        help="batches of the attention alone (llama-1b layer, 256-slot cache); '' for none")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
+    attentions = tuple(a for a in args.attention.split(",") if a)
+    model_modes = tuple(m for m in args.model_modes.split(",") if m)
+    if not set(attentions) <= {"kernel", "sdpa"} or not set(model_modes) <= set(MODEL_MODES):
+        raise SystemExit(f"--attention takes kernel and/or sdpa, --model-modes some of {', '.join(MODEL_MODES)}")
     if not torch.cuda.is_available():
         raise SystemExit("moc_lightning.bench.decode needs a CUDA GPU")
     out = Recorder(BENCH, args.out)
@@ -510,7 +597,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.cuda.empty_cache()
     if not args.no_model:
         ok &= section(out, "model_check", lambda: check_model_float32(out, args.prompt))
-        section(out, "model", lambda: bench_model(out, args.prompt, args.new_tokens, args.model_compile_mode))
+        attention_batches = [int(b) for b in args.attention_bench.split(",") if b]
+        if attention_batches:
+            ok &= section(out, "attention", lambda: bench_attention(out, args.prompt + args.new_tokens,
+                                                                   args.prompt + args.new_tokens // 2, attention_batches))
+        section(out, "model", lambda: bench_model(out, args.prompt, args.new_tokens, args.model_compile_mode,
+                                                  attentions, model_modes))
     out.emit("wall_s", time.time() - start, "s", launch_configs={str(k): dataclasses.asdict(v) for k, v in kernel.LAUNCH_CONFIGS.items()},
              grouped_launch_configs={str(k): dataclasses.asdict(v) for k, v in kernel.GROUPED_LAUNCH_CONFIGS.items()})
     return 0 if ok else 1

@@ -1,7 +1,7 @@
 """Where a decode step's time goes, kernel by kernel: dense SwiGLU against MoC and MoC_2:8.
 
     python -m moc_lightning.bench.decode_profile [--model llama-1b] [--prompt 128] [--steps 10]
-                                                 [--top 12] [--out F]
+                                                 [--top 12] [--attention kernel|sdpa] [--out F]
 
 For each FFN kind it builds the model with random weights (bf16 on a GPU), prefills a random
 prompt and runs the one-token decode step as `generate` does on a GPU (`DecodeStep`: the step
@@ -85,6 +85,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens before the profiled steps")
     parser.add_argument("--steps", type=int, default=10, help="decode steps profiled (and then timed)")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per kind, the largest first")
+    parser.add_argument("--attention", choices=("kernel", "sdpa"), default="kernel",
+                        help="the steps' attention: the split-cache kernel (what prepare_for_decode sets) or SDPA")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     from moc_lightning.models import ModelConfig, MoCTransformer
@@ -103,13 +105,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = ModelConfig.from_preset(args.model, ffn=ffn, max_seq_len=cache_length(args.prompt, args.steps))
         with torch.device(device):
             model = MoCTransformer(cfg).to(dtype).eval()
-        if kind == "moc":
-            model.prepare_for_decode()
+        model.prepare_for_decode()  # MoC's FFN kernel; the attention kernel for every kind
+        for layer in model.layers:
+            layer.self_attn.decode_kernel = args.attention == "kernel"
         label = kind if group is None else f"{kind}_{group}"
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=device)
         with torch.no_grad():
             per_step, wall_us = profile_step(model, prompt, args.steps)
-        ctx = dict(kind=label, model=args.model, prompt=args.prompt, steps=args.steps, dtype=str(dtype).split(".")[-1],
+        ctx = dict(kind=label, attention=args.attention, model=args.model, prompt=args.prompt, steps=args.steps, dtype=str(dtype).split(".")[-1],
                    timed="kernels" if cuda else "cpu operators")
         out.emit(f"{label}/wall_per_step", wall_us, "us", **ctx)
         out.emit(f"{label}/sum_per_step", sum(us for us, _ in per_step.values()), "us",

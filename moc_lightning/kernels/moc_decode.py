@@ -53,29 +53,22 @@ then (compiled, or TRITON_INTERPRET=1 for CPU tests).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, interpreting, pdl_runs_on, runs_on  # noqa: F401
+
 try:
     import triton
     import triton.language as tl
 
-    try:  # programmatic dependent launch (sm_90+), in triton's CUDA extras
+    if HAS_PDL:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-        HAS_PDL = True
-    except ImportError:
-        HAS_PDL = False
-
-    HAS_TRITON = True
 except ImportError:  # the package still imports; `runs_on` answers False everywhere
     triton = None
     tl = None
-    HAS_TRITON = False
-    HAS_PDL = False
 
 # tl.topk (Triton 3.4+) picks one token's slots; older Tritons take the one-hot match of batches 2-8.
 HAS_TOPK = HAS_TRITON and hasattr(tl, "topk")
@@ -84,24 +77,6 @@ MAX_ROWS = 8
 # A token's whole G row is held by one program in the select: d_ffn up to this many channels.
 MAX_SELECT_WIDTH = 32768
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def pdl_runs_on(device: torch.device) -> bool:
-    """Programmatic dependent launch: compiled kernels on a CUDA device of compute capability 9+."""
-    device = torch.device(device)
-    return HAS_PDL and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def runs_on(device: torch.device) -> bool:
-    """CUDA with triton, or CPU tensors under TRITON_INTERPRET=1 (the tests)."""
-    if not HAS_TRITON:
-        return False
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 # --- device functions --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moc_lightning.ffn import build_ffn
+from moc_lightning.kernels import decode_attention
 from moc_lightning.models.chunked_loss import chunked_lm_head_loss
 from moc_lightning.models.config import ModelConfig
 from moc_lightning.models.kv_cache import KVCache
@@ -102,6 +103,8 @@ class Attention(nn.Module):
                 raise RuntimeError("attention='flash_attn' but flash_attn is not installed: "
                                    "install flash-attn or use attention='sdpa'") from exc
             self.flash_attn_func = flash_attn_func
+        # Decoding steps of one token a row go to the split-cache kernel (`prepare_for_decode`).
+        self.decode_kernel = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional["CacheStep"] = None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -111,6 +114,9 @@ class Attention(nn.Module):
         if cache is not None:
             # Decoding: attend over the whole static cache, masked to this row's earlier real tokens.
             keys, values = cache.kv.write(cache.layer, cache.slots, k, v)
+            if self.decode_kernel and s == 1 and decode_attention.applies(q, keys):
+                out = decode_attention.decode_attention_op(q[:, 0], keys, values, cache.mask[:, 0, 0])
+                return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                                  attn_mask=cache.mask, enable_gqa=self.n_kv_heads != self.n_heads)
             out = out.transpose(1, 2)
@@ -237,9 +243,12 @@ class MoCTransformer(nn.Module):
 
     def prepare_for_decode(self, enable: bool = True) -> int:
         """Switch every MoC FFN to its decode kernel for small no-grad batches (see
-        moc_lightning.ffn.decode); False switches back. Returns how many FFNs were switched."""
+        moc_lightning.ffn.decode), and every attention's one-token steps over the KV cache to the
+        split-cache kernel (moc_lightning.kernels.decode_attention), where triton runs; False
+        switches both back. Returns how many FFNs were switched."""
         switched = 0
         for layer in self.layers:
+            layer.self_attn.decode_kernel = enable
             if hasattr(layer.mlp, "prepare_for_decode"):
                 layer.mlp.prepare_for_decode(enable)
                 switched += 1

@@ -1,0 +1,217 @@
+"""Attention of one new token per row over a static KV cache (decoding), split over the cache.
+
+A decode step's query is one row per head, so SDPA's kernels, built for blocks of queries, run a
+handful of programs that each walk the whole cache (cuDNN's took 6.7 us a layer of a llama-1b step
+on an H200, stop 18's `bench.decode_profile`, for 2 MB of keys and values). Here the cache is cut
+into `splits` pieces per head ("flash-decoding", Dao et al. 2023), so every SM reads a piece:
+
+  1. `_split_kernel`, one program per (row, head, piece): the scores of the piece's allowed slots,
+     their softmax numerator and its weighted sum of values, written as a float32 partial
+     (acc[D], running max, running sum). Slots the mask forbids are not loaded at all, so a cache
+     that is mostly still empty costs what it holds, not its length.
+  2. `_combine_kernel`, one program per (row, head): rescales the partials to a common max and
+     writes the output in the query's dtype.
+
+On sm_90 the two launches (and the first one after whatever came before) are chained by
+programmatic dependent launch. The module imports without triton; kernels are JIT-decorated on
+first use, in the mode in force then (compiled, or TRITON_INTERPRET=1 for CPU tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, interpreting, pdl_runs_on, runs_on
+
+try:
+    import triton
+    import triton.language as tl
+
+    if HAS_PDL:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    triton = None
+    tl = None
+
+# Widest head the kernels take in one tile.
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, L, chunk, H, G, qk_scale,
+                  q_sb, q_sh, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, ok_sb, ok_sl,
+                  SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+                  PDL: tl.constexpr):
+    bh = tl.program_id(0)
+    piece = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv = h // G  # grouped-query attention: query heads h share k/v head h // G (SDPA's enable_gqa)
+    d = tl.arange(0, D_PAD)
+    in_head = d < D
+    if PDL:  # q comes from the launch before: wait for it, then let the combine be scheduled
+        gdc_wait()
+        gdc_launch_dependents()
+    # scores in log2 units: exp2 is the hardware's exponential
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + d, mask=in_head, other=0.0).to(tl.float32) * qk_scale
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    start = piece * chunk
+    end = tl.minimum(start + chunk, L)
+    for l0 in range(start, end, BLOCK_L):
+        slots = l0 + tl.arange(0, BLOCK_L)
+        ok = tl.load(ok_ptr + b * ok_sb + slots * ok_sl, mask=slots < end, other=0) != 0
+        tile = ok[:, None] & in_head[None, :]
+        k = tl.load(k_ptr + b * k_sb + slots[:, None] * k_sl + kv * k_sh + d[None, :], mask=tile, other=0.0)
+        s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no allowed slot yet: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use)
+        v = tl.load(v_ptr + b * v_sb + slots[:, None] * v_sl + kv * v_sh + d[None, :], mask=tile, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    row = part_ptr + (bh * SPLITS + piece) * (D_PAD + 2)
+    tl.store(row + d, acc)
+    one = tl.arange(0, 1)
+    tl.store(row + D_PAD + one, m_i)
+    tl.store(row + D_PAD + 1 + one, l_i)
+
+
+def _combine_kernel(part_ptr, out_ptr, H, o_sb, o_sh, SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
+                    D_PAD: tl.constexpr, PDL: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pieces = tl.arange(0, S_PAD)
+    real = pieces < SPLITS
+    d = tl.arange(0, D_PAD)
+    rows = part_ptr + (bh * SPLITS + pieces) * (D_PAD + 2)
+    m = tl.load(rows + D_PAD, mask=real, other=float("-inf"))
+    l = tl.load(rows + D_PAD + 1, mask=real, other=0.0)
+    acc = tl.load(rows[:, None] + d[None, :], mask=real[:, None], other=0.0)
+    # pieces with no allowed slot have m = -inf and weigh 0; a query always sees its own slot
+    w = tl.exp2(m - tl.max(m, axis=0))
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+_JIT_CACHE: dict[tuple[str, bool], object] = {}
+
+
+def _kernel(fn):
+    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating)."""
+    key = (fn.__name__, interpreting())
+    if key not in _JIT_CACHE:
+        _JIT_CACHE[key] = triton.jit(fn)
+    return _JIT_CACHE[key]
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Cache slots a split program walks in one tile, and the programs a launch aims at (the
+    pieces per head follow: programs / (rows x heads), at most one per tile of the cache)."""
+
+    block_l: int = 32
+    target_programs: int = 264  # two per SM of an H100 / H200
+    warps: int = 2
+    pdl: bool = True
+
+    def __post_init__(self):
+        if self.block_l < 1 or self.block_l & (self.block_l - 1):
+            raise ValueError(f"AttentionLaunch.block_l must be a power of two, got {self.block_l}")
+        if self.target_programs < 1 or self.warps < 1:
+            raise ValueError("AttentionLaunch.target_programs and warps must be at least 1")
+
+    def pieces(self, heads: int, length: int) -> tuple[int, int]:
+        """(pieces per head, slots per piece, a multiple of block_l)."""
+        tiles = triton.cdiv(length, self.block_l)
+        splits = max(1, min(tiles, triton.cdiv(self.target_programs, heads)))
+        chunk = triton.cdiv(tiles, splits) * self.block_l
+        return triton.cdiv(length, chunk), chunk
+
+
+def _check(q, keys, values, allowed):
+    if not HAS_TRITON:
+        raise RuntimeError("the decode attention kernel needs triton, which is not installed (pip install triton)")
+    if not runs_on(q.device):
+        raise RuntimeError(f"the decode attention kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {q.device}")
+    if q.dim() != 3 or keys.dim() != 4 or keys.shape != values.shape:
+        raise ValueError(f"q must be (batch, heads, head_dim) and keys, values one (batch, length, kv_heads, "
+                         f"head_dim) shape; got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    batch, heads, head_dim = q.shape
+    _, length, kv_heads, _ = keys.shape
+    if keys.shape[0] != batch or keys.shape[3] != head_dim or heads % kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}: same batch and head_dim, "
+                         f"and heads a multiple of kv_heads")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim = {head_dim} is wider than the kernel takes ({MAX_HEAD_DIM})")
+    if allowed.dtype != torch.bool or tuple(allowed.shape) != (batch, length):
+        raise ValueError(f"allowed must be a bool (batch, length) = ({batch}, {length}) mask, got "
+                         f"{allowed.dtype} {tuple(allowed.shape)}")
+    for name, t in (("keys", keys), ("values", values), ("allowed", allowed)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:  # the cache itself: never copied here
+        raise ValueError("keys and values must have a contiguous last dimension")
+    if keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise ValueError(f"q, keys and values must share a dtype, got {q.dtype}, {keys.dtype}, {values.dtype}")
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, *,
+                     scale: Optional[float] = None, launch: Optional[AttentionLaunch] = None) -> torch.Tensor:
+    """softmax(q . k / sqrt(head_dim)) . v over the allowed slots, one query per (row, head).
+
+    q: (batch, heads, head_dim); keys, values: (batch, length, kv_heads, head_dim) with heads a
+    multiple of kv_heads; allowed: (batch, length) bool, which slots row b attends to (at least
+    one a row, else its output is NaN, as SDPA's). Returns (batch, heads, head_dim) in q's dtype.
+    """
+    _check(q, keys, values, allowed)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    cfg = launch or AttentionLaunch()
+    batch, heads, head_dim = q.shape
+    length, kv_heads = keys.shape[1], keys.shape[2]
+    splits, chunk = cfg.pieces(batch * heads, length)
+    d_pad = triton.next_power_of_2(head_dim)
+    part = torch.empty(batch * heads, splits, d_pad + 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    pdl = cfg.pdl and pdl_runs_on(q.device)
+    extra = dict(launch_pdl=True) if pdl else {}  # a launch option of compiled kernels only
+    ok = allowed.view(torch.uint8)  # the same bytes; a pointer to bytes in both triton modes
+    _kernel(_split_kernel)[(batch * heads, splits)](
+        q, keys, values, ok, part, length, chunk, heads, heads // kv_heads, scale * _LOG2E,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), ok.stride(0), ok.stride(1),
+        SPLITS=splits, D=head_dim, D_PAD=d_pad, BLOCK_L=cfg.block_l, PDL=pdl, num_warps=cfg.warps, **extra)
+    _kernel(_combine_kernel)[(batch * heads,)](
+        part, out, heads, out.stride(0), out.stride(1), SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
+        D=head_dim, D_PAD=d_pad, PDL=pdl, num_warps=cfg.warps, **extra)
+    return out
+
+
+def applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether a decode step's attention can go to the kernel: one query per row on a device it
+    runs on, no autograd, matching dtypes, a head it takes."""
+    return (HAS_TRITON and runs_on(q.device) and not torch.is_grad_enabled() and q.dtype == keys.dtype
+            and q.shape[-1] <= MAX_HEAD_DIM)
+
+
+@torch.library.custom_op("moc_lightning::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`decode_attention` as an op torch.compile keeps whole (its launches are not traced)."""
+    return decode_attention(q, keys, values, allowed)
+
+
+@decode_attention_op.register_fake
+def _(q, keys, values, allowed):
+    return q.new_empty(q.shape)

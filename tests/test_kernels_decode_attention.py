@@ -1,0 +1,168 @@
+"""The decode attention kernel (Triton, run by the interpreter on CPU) against float64 attention:
+grouped heads, several cache pieces, masked slots never read, bf16, a head_dim that is not a power
+of two; its launch arithmetic; inputs refused with clear errors; and a model decoding with it
+generating what SDPA's path generates, through torch.compile's custom op too."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates anything: CPU tensors, no GPU
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402,F401  (CI installs triton: a missing one must fail here, not skip)
+
+from moc_lightning.inference import generate  # noqa: E402
+from moc_lightning.kernels import decode_attention as da  # noqa: E402
+from moc_lightning.models import ModelConfig, MoCTransformer  # noqa: E402
+
+f64 = torch.float64
+
+
+def reference(q, keys, values, allowed):
+    """float64 softmax attention written out: one query per (row, head), k/v head h // group."""
+    group = q.shape[1] // keys.shape[2]
+    k = keys.to(f64).repeat_interleave(group, dim=2)  # (b, L, H, D)
+    v = values.to(f64).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bhd,blhd->bhl", q.to(f64), k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    return torch.einsum("bhl,blhd->bhd", scores.softmax(-1), v)
+
+
+def inputs(batch=2, heads=4, kv_heads=2, head_dim=16, length=37, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
+    keys = torch.randn(batch, length, kv_heads, head_dim, generator=gen).to(dtype)
+    values = torch.randn(batch, length, kv_heads, head_dim, generator=gen).to(dtype)
+    allowed = torch.rand(batch, length, generator=gen) < 0.6
+    allowed[:, 0] = True
+    return q, keys, values, allowed
+
+
+@pytest.mark.parametrize("launch", [da.AttentionLaunch(block_l=8, target_programs=40),  # 5 pieces of 8
+                                    da.AttentionLaunch(block_l=64),  # one piece, one ragged tile
+                                    da.AttentionLaunch(block_l=4, target_programs=10_000)])  # a piece a tile
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_matches_float64_attention(launch, heads, kv_heads):
+    q, keys, values, allowed = inputs(heads=heads, kv_heads=kv_heads)
+    allowed[1, 9:] = False  # row 1: every piece after the first holds nothing it may read
+    out = da.decode_attention(q, keys, values, allowed, launch=launch)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.to(f64), reference(q, keys, values, allowed), rtol=1e-5, atol=1e-6)
+
+
+def test_forbidden_slots_are_not_read():
+    """NaN keys and values in the slots the mask forbids (a cache not yet written) change nothing."""
+    q, keys, values, allowed = inputs()
+    poisoned_k, poisoned_v = keys.clone(), values.clone()
+    poisoned_k[~allowed] = float("nan")
+    poisoned_v[~allowed] = float("nan")
+    out = da.decode_attention(q, poisoned_k, poisoned_v, allowed, launch=da.AttentionLaunch(block_l=8))
+    torch.testing.assert_close(out.to(f64), reference(q, keys, values, allowed), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_and_a_head_dim_that_is_not_a_power_of_two():
+    q, keys, values, allowed = inputs(head_dim=24, dtype=torch.bfloat16, length=50)
+    q_strided = torch.randn(2, 4, 48, dtype=torch.bfloat16)[..., ::2]  # a query without unit stride
+    q_strided.copy_(q)
+    out = da.decode_attention(q_strided, keys, values, allowed, launch=da.AttentionLaunch(block_l=16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.to(f64), reference(q, keys, values, allowed), rtol=2e-2, atol=1e-2)
+
+
+def test_a_mask_view_with_strides_and_an_explicit_scale():
+    q, keys, values, allowed = inputs()
+    mask = allowed[:, None, None, :].expand(2, 1, 3, allowed.shape[1])[:, 0, 1]  # like cache.mask[:, 0, 0]
+    out = da.decode_attention(q, keys, values, mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    torch.testing.assert_close(out.to(f64), reference(q, keys, values, allowed), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads,length,block_l,target", [(32, 259, 32, 264), (256, 259, 32, 264), (1, 5, 32, 264),
+                                                         (4, 1000, 16, 64)])
+def test_pieces_cover_the_cache_in_whole_tiles(heads, length, block_l, target):
+    pieces, chunk = da.AttentionLaunch(block_l=block_l, target_programs=target).pieces(heads, length)
+    assert chunk % block_l == 0
+    assert (pieces - 1) * chunk < length <= pieces * chunk  # every slot in one piece, no empty piece
+    assert pieces == 1 or heads * pieces <= target + heads  # about the programs asked for
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda q, k, v, a: (q[0], k, v, a), "q must be"),
+    (lambda q, k, v, a: (q, k, v[..., :8], a), "one .* shape"),
+    (lambda q, k, v, a: (q[:, :3], k, v, a), "heads a multiple of kv_heads"),
+    (lambda q, k, v, a: (q, k, v, a.float()), "bool"),
+    (lambda q, k, v, a: (q, k, v, a[:, :5]), "bool"),
+    (lambda q, k, v, a: (q.double(), k, v, a), "share a dtype"),
+    (lambda q, k, v, a: (q, torch.randn(*k.shape[:3], 2 * k.shape[3])[..., ::2], v, a), "contiguous last dimension"),
+])
+def test_bad_inputs_are_refused_with_a_clear_error(change, message):
+    with pytest.raises(ValueError, match=message):
+        da.decode_attention(*change(*inputs()))
+
+
+def test_a_head_wider_than_the_kernel_takes_is_refused():
+    q, keys, values, allowed = inputs(head_dim=da.MAX_HEAD_DIM * 2, length=4)
+    with pytest.raises(ValueError, match="wider than the kernel takes"):
+        da.decode_attention(q, keys, values, allowed)
+
+
+def test_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="runs on CUDA"):
+        da.decode_attention(*inputs())
+
+
+def test_bad_launch_settings_are_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        da.AttentionLaunch(block_l=24)
+    with pytest.raises(ValueError, match="at least 1"):
+        da.AttentionLaunch(target_programs=0)
+
+
+def tiny_dense_model() -> MoCTransformer:
+    torch.manual_seed(0)
+    return MoCTransformer(ModelConfig.from_preset("llama-tiny", ffn={"kind": "swiglu"})).eval()
+
+
+def test_a_model_decodes_with_the_kernel_as_with_sdpa(monkeypatch):
+    """Greedy tokens with and without the kernel; every one-token step of every layer used it,
+    the multi-token prefill did not."""
+    model = tiny_dense_model()
+    prompts = [[10, 12, 14, 16], [100, 101, 102, 103, 104, 105]]  # left padding: masked slots in row 0
+    plain = generate(model, prompts, max_new_tokens=12)
+    calls = []
+    run = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda q, *a, **kw: calls.append(q.shape) or run(q, *a, **kw))
+    assert model.prepare_for_decode() == 0  # a dense model: no FFN switched, the attention is
+    assert all(layer.self_attn.decode_kernel for layer in model.layers)
+    with_kernel = generate(model, prompts, max_new_tokens=12)
+    assert with_kernel.tokens == plain.tokens
+    assert calls == [(2, model.cfg.n_heads, model.cfg.head_dim)] * (11 * model.cfg.n_layers)
+    model.prepare_for_decode(False)
+    calls.clear()
+    generate(model, prompts, max_new_tokens=3)
+    assert calls == []
+
+
+def test_a_compiled_step_reaches_the_kernel_through_its_custom_op():
+    """The decode step compiles as one graph (fullgraph) with the attention as the opaque op."""
+    model = tiny_dense_model()
+    prompts = [list(range(10, 20))]
+    plain = generate(model, prompts, max_new_tokens=4)
+    model.prepare_for_decode()
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = generate(model, prompts, max_new_tokens=4, compile=recording_backend)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.tokens == plain.tokens
+    assert traced.count("moc_lightning.decode_attention.default") == model.cfg.n_layers
