@@ -115,14 +115,6 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
         da.decode_attention(*inputs())
 
 
-def test_each_batch_takes_the_launch_of_the_smallest_entry_that_holds_it(monkeypatch):
-    small, large = da.AttentionLaunch(block_l=8), da.AttentionLaunch(block_l=64)
-    monkeypatch.setattr(da, "LAUNCHES", {1: small, 8: large})
-    assert da.launch_for(1) is small
-    assert da.launch_for(2) is large and da.launch_for(8) is large
-    assert da.launch_for(64) is large  # past the table: its last entry
-
-
 def test_bad_launch_settings_are_refused():
     with pytest.raises(ValueError, match="power of two"):
         da.AttentionLaunch(block_l=24)

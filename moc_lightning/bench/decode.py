@@ -435,7 +435,7 @@ def bench_attention(out: Recorder, length: int, filled: int, batches: list[int])
         floor = floor_ms(2 * (2 * batch * filled * heads * head_dim + 2 * batch * heads * head_dim)) * 1e3
         kernel_us = graphed_ms(kernel_call, reps=caches) * 1e3
         out.emit(f"attention/batch{batch}/kernel", kernel_us, "us", floor_us=floor, of_floor=kernel_us / floor,
-                 pieces=da.launch_for(batch).pieces(batch * heads, length)[0], **ctx)
+                 pieces=da.AttentionLaunch().pieces(batch * heads, length)[0], **ctx)
         for label, backends in (("sdpa", None), ("sdpa_cudnn", [SDPBackend.CUDNN_ATTENTION]),
                                 ("sdpa_efficient", [SDPBackend.EFFICIENT_ATTENTION]), ("sdpa_math", [SDPBackend.MATH])):
             try:

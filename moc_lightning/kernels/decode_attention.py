@@ -119,11 +119,17 @@ def _kernel(fn):
 @dataclass(frozen=True)
 class AttentionLaunch:
     """Cache slots a split program walks in one tile, and the programs a launch aims at (the
-    pieces per head follow: programs / (rows x heads), at most one per tile of the cache)."""
+    pieces per head follow: programs / (rows x heads), at most one per tile of the cache).
 
-    block_l: int = 32
-    target_programs: int = 264
-    warps: int = 2
+    The defaults are the fastest of stop 19's sweep on an H200, or within 4% of it, at every
+    batch of 1 to 8 (the llama-1b layer: 32 heads of 64, a 256-slot cache with 192 written): many
+    one-warp programs of 16 slots, 4.06 / 4.37 / 5.88 / 8.86 us at batch 1 / 2 / 4 / 8, where
+    cuDNN's SDPA took 11.9 / 12.4 / 12.8 / 13.1 (the first settings, 32 slots on 2 warps aiming
+    at 264 programs, 5.46 us at batch 1 and 14.4 at 8)."""
+
+    block_l: int = 16
+    target_programs: int = 1056
+    warps: int = 1
     pdl: bool = True  # programmatic dependent launch (CUDA sm_90+; ignored elsewhere)
 
     def __post_init__(self):
@@ -138,20 +144,6 @@ class AttentionLaunch:
         splits = max(1, min(tiles, triton.cdiv(self.target_programs, heads)))
         chunk = triton.cdiv(tiles, splits) * self.block_l
         return triton.cdiv(length, chunk), chunk
-
-
-# Per decode batch (the smallest entry >= the rows; more rows take the last): the fastest of a
-# sweep on an H200 at the llama-1b layer (32 heads of 64, a 256-slot cache, 192 slots written;
-# stop 19): batch 1 on many one-warp programs of 16 slots, 3.99 us (32 slots on 2 warps: 5.46;
-# cuDNN's SDPA 11.8); batch 8 on 4-warp programs of 64 slots, 9.41 us (13.1 for cuDNN).
-LAUNCHES: dict[int, AttentionLaunch] = {
-    1: AttentionLaunch(block_l=16, target_programs=528, warps=1),
-    8: AttentionLaunch(block_l=64, target_programs=264, warps=4),
-}
-
-
-def launch_for(rows: int) -> AttentionLaunch:
-    return LAUNCHES[min((b for b in LAUNCHES if b >= rows), default=max(LAUNCHES))]
 
 
 def _check(q, keys, values, allowed):
@@ -192,7 +184,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     _check(q, keys, values, allowed)
     q = q if q.stride(-1) == 1 else q.contiguous()
     batch, heads, head_dim = q.shape
-    cfg = launch or launch_for(batch)
+    cfg = launch or AttentionLaunch()
     length, kv_heads = keys.shape[1], keys.shape[2]
     splits, chunk = cfg.pieces(batch * heads, length)
     d_pad = triton.next_power_of_2(head_dim)
