@@ -1,7 +1,8 @@
-"""The decode attention kernel (Triton, run by the interpreter on CPU) against float64 attention:
+"""The decode attention kernels (Triton, run by the interpreter on CPU) against float64 attention:
 grouped heads, several cache pieces, masked slots never read, bf16, a head_dim that is not a power
-of two; its launch arithmetic; inputs refused with clear errors; and a model decoding with it
-generating what SDPA's path generates, through torch.compile's custom op too."""
+of two; the model's fused step (RoPE, the cache write at the slot, the mask from the filled slots)
+against the plain path; launch arithmetic; inputs refused with clear errors; and a model decoding
+with it generating what SDPA's path generates, through torch.compile's custom op, in place."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import triton  # noqa: E402,F401  (CI installs triton: a missing one must fail h
 from moc_lightning.inference import generate  # noqa: E402
 from moc_lightning.kernels import decode_attention as da  # noqa: E402
 from moc_lightning.models import ModelConfig, MoCTransformer  # noqa: E402
+from moc_lightning.models.transformer import RotaryTables, apply_rotary  # noqa: E402
 
 f64 = torch.float64
 
@@ -122,6 +124,92 @@ def test_bad_launch_settings_are_refused():
         da.AttentionLaunch(target_programs=0)
 
 
+def step_inputs(dtype=torch.float32, heads=4, kv_heads=2, head_dim=16, length=37, slot=20, seed=1):
+    q, keys, values, filled = inputs(heads=heads, kv_heads=kv_heads, head_dim=head_dim, length=length, dtype=dtype,
+                                     seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    k = torch.randn(2, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(2, kv_heads, head_dim, generator=gen).to(dtype)
+    filled[0, slot] = False  # row 0's query is a pad: it still sees its own slot
+    filled[:, slot + 3:] = True  # later slots, marked filled, must not be read either
+    cos, sin = RotaryTables(head_dim, 64, 10000.0).at(torch.tensor([[slot], [slot - 4]]))  # left padding
+    return q, k, v, cos[:, 0], sin[:, 0], keys, values, filled, torch.tensor([slot])
+
+
+def step_reference(q, k, v, cos, sin, keys, values, filled, slot):
+    """The plain path: apply_rotary, the cache written at the slot, float64 attention over the
+    filled slots up to it and the slot itself."""
+    q = apply_rotary(q[:, None], cos[:, None], sin[:, None])[:, 0]
+    keys, values = keys.clone(), values.clone()
+    keys[:, slot] = apply_rotary(k[:, None], cos[:, None], sin[:, None])
+    values[:, slot] = v[:, None]
+    at = torch.arange(keys.shape[1])
+    allowed = (filled & (at <= slot)) | (at == slot)
+    return reference(q, keys, values, allowed), keys, values
+
+
+@pytest.mark.parametrize("launch", [da.AttentionLaunch(block_l=8, target_programs=40), da.AttentionLaunch()])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_step_rotates_writes_the_slot_and_attends(launch, kv_heads):
+    args = step_inputs(kv_heads=kv_heads)
+    ref, ref_keys, ref_values = step_reference(*args)
+    q, k, v, cos, sin, keys, values, filled, slot = args
+    untouched_k, untouched_v = keys.clone(), values.clone()
+    out = da.decode_attention_step(q, k, v, cos, sin, keys, values, filled, slot, launch=launch)
+    torch.testing.assert_close(out.to(f64), ref, rtol=1e-5, atol=1e-6)
+    # the cache: the slot holds the rotated k and the v, for every kv head; nothing else moved
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+    other = torch.arange(keys.shape[1]) != int(slot)
+    assert torch.equal(keys[:, other], untouched_k[:, other]) and torch.equal(values[:, other], untouched_v[:, other])
+
+
+def test_step_reads_neither_later_slots_nor_the_old_contents_of_its_own():
+    args = list(step_inputs())
+    ref, _, _ = step_reference(*args)
+    keys, values, filled, slot = args[5:]
+    later = torch.arange(keys.shape[1]) > int(slot)
+    for cache in (keys, values):
+        cache[:, later] = float("nan")
+        cache[:, int(slot)] = float("nan")  # this step's k and v come from the new projections
+        cache[~filled] = float("nan")
+    out = da.decode_attention_step(*args)
+    torch.testing.assert_close(out.to(f64), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_step_in_bf16():
+    """bf16 (the interpreter rounds float32 to bf16 its own way, so the rotated k may differ from
+    PyTorch's by one bf16 step: the kernel on the GPU is checked by the benchmark)."""
+    args = step_inputs(dtype=torch.bfloat16, head_dim=24)
+    ref, ref_keys, _ = step_reference(*args)
+    out = da.decode_attention_step(*args)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.to(f64), ref, rtol=3e-2, atol=2e-2)
+    torch.testing.assert_close(args[5].float(), ref_keys.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.__setitem__(1, a[1][:, :1]), "k and v must be"),
+    (lambda a: a.__setitem__(2, a[2].double()), "k and v must be"),
+    (lambda a: a.__setitem__(3, a[3].double()), "cos must be float32"),
+    (lambda a: a.__setitem__(4, a[4][:1]), "sin must be float32"),
+    (lambda a: a.__setitem__(7, a[7].int()), "filled must be a bool"),
+    (lambda a: a.__setitem__(8, torch.tensor([3, 4])), "one-element integer"),
+    (lambda a: a.__setitem__(8, torch.tensor([3.0])), "one-element integer"),
+])
+def test_bad_step_inputs_are_refused_with_a_clear_error(change, message):
+    args = list(step_inputs())
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        da.decode_attention_step(*args)
+
+
+def test_step_refuses_an_odd_head_dim():
+    args = list(step_inputs(head_dim=15))
+    args[3], args[4] = torch.zeros(2, 15), torch.zeros(2, 15)
+    with pytest.raises(ValueError, match="must be even"):
+        da.decode_attention_step(*args)
+
+
 def tiny_dense_model() -> MoCTransformer:
     torch.manual_seed(0)
     return MoCTransformer(ModelConfig.from_preset("llama-tiny", ffn={"kind": "swiglu"})).eval()
@@ -134,8 +222,8 @@ def test_a_model_decodes_with_the_kernel_as_with_sdpa(monkeypatch):
     prompts = [[10, 12, 14, 16], [100, 101, 102, 103, 104, 105]]  # left padding: masked slots in row 0
     plain = generate(model, prompts, max_new_tokens=12)
     calls = []
-    run = da.decode_attention
-    monkeypatch.setattr(da, "decode_attention", lambda q, *a, **kw: calls.append(q.shape) or run(q, *a, **kw))
+    run = da.decode_attention_step
+    monkeypatch.setattr(da, "decode_attention_step", lambda q, *a, **kw: calls.append(q.shape) or run(q, *a, **kw))
     assert model.prepare_for_decode() == 0  # a dense model: no FFN switched, the attention is
     assert all(layer.self_attn.decode_kernel for layer in model.layers)
     with_kernel = generate(model, prompts, max_new_tokens=12)
@@ -165,4 +253,25 @@ def test_a_compiled_step_reaches_the_kernel_through_its_custom_op():
     finally:
         torch._dynamo.reset()
     assert compiled.tokens == plain.tokens
-    assert traced.count("moc_lightning.decode_attention.default") == model.cfg.n_layers
+    assert traced.count("moc_lightning.decode_attention_step.default") == model.cfg.n_layers
+
+
+def test_inductor_writes_the_cache_in_place_through_the_step_op():
+    """Compiled by inductor (on CPU here), the step calls the op on the cache tensors themselves:
+    a mutating op the compiler could not re-inplace would copy each layer's cache every step, the
+    copy that cost ~300 us a llama-1b step before stop 18 (there through views of one tensor)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_dense_model()
+    prompts = [list(range(10, 20))]
+    plain = generate(model, prompts, max_new_tokens=4)
+    model.prepare_for_decode()
+    torch._dynamo.reset()
+    try:
+        compiled, codes = run_and_get_code(lambda: generate(model, prompts, max_new_tokens=4, compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert compiled.tokens == plain.tokens
+    code = "\n".join(codes)
+    assert code.count("moc_lightning.decode_attention_step.default(") == model.cfg.n_layers
+    assert ".copy_(" not in code and "clone(" not in code

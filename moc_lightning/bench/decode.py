@@ -436,6 +436,18 @@ def bench_attention(out: Recorder, length: int, filled: int, batches: list[int])
         kernel_us = graphed_ms(kernel_call, reps=caches) * 1e3
         out.emit(f"attention/batch{batch}/kernel", kernel_us, "us", floor_us=floor, of_floor=kernel_us / floor,
                  pieces=da.AttentionLaunch().pieces(batch * heads, length)[0], **ctx)
+        # the model's call: RoPE on q and the new k, the cache written at slot `filled`, then attention
+        k_new, v_new = (torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        cos, sin = (torch.rand(batch, head_dim, device="cuda") for _ in range(2))
+        slot = torch.tensor([filled], device="cuda")
+
+        def step_call():
+            keys, values = kv[next(turn) % caches]
+            return da.decode_attention_step(q, k_new, v_new, cos, sin, keys, values, allowed, slot)
+
+        step_us = graphed_ms(step_call, reps=caches) * 1e3
+        out.emit(f"attention/batch{batch}/kernel_step", step_us, "us", floor_us=floor, of_floor=step_us / floor,
+                 note="with RoPE of q and k and the cache write", **ctx)
         for label, backends in (("sdpa", None), ("sdpa_cudnn", [SDPBackend.CUDNN_ATTENTION]),
                                 ("sdpa_efficient", [SDPBackend.EFFICIENT_ATTENTION]), ("sdpa_math", [SDPBackend.MATH])):
             try:
@@ -480,6 +492,19 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: s
         ctx = dict(model="llama-1b", ffn=model.layers[0].mlp.cfg.label, weights="random", batch=1, prompt=prompt_len,
                    new_tokens=new_tokens, dtype="bfloat16")
         with torch.no_grad():
+            if kind == "swiglu":  # one decode step, the attention kernel vs SDPA's path, bf16
+                logits = []
+                for enable in (True, False):
+                    model.prepare_for_decode(enable)
+                    cache = model.new_cache(1, prompt_len + 1)
+                    model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None],
+                                         torch.arange(prompt_len, device="cuda"))
+                    logits.append(model.forward_cached(prompt[:, -1:], cache, torch.full((1, 1), prompt_len, device="cuda"),
+                                                       torch.tensor([prompt_len], device="cuda")).float())
+                model.prepare_for_decode(True)
+                err = rel_error(*logits)
+                out.check("correct/model/swiglu_bf16_step_logits_attention_kernel_vs_sdpa", err < 2e-2, rel_err=err,
+                          **ctx)
             if kind == "moc":  # one decode step, kernels vs plain path, same cache contents
                 cache = model.new_cache(1, prompt_len + 1)
                 model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None], torch.arange(prompt_len, device="cuda"))

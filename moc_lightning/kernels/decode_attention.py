@@ -12,6 +12,10 @@ into `splits` pieces per head ("flash-decoding", Dao et al. 2023), so every SM r
   2. `_combine_kernel`, one program per (row, head): rescales the partials to a common max and
      writes the output in the query's dtype.
 
+`decode_attention_step` is what a model's decode step calls: the split kernel also applies RoPE
+to q and the new k, writes the new k and v into the cache, and builds the mask from the cache's
+filled slots, which in PyTorch took three more launches a layer (inductor's fusions of them).
+
 On sm_90 the two launches (and the first one after whatever came before) are chained by
 programmatic dependent launch. The module imports without triton; kernels are JIT-decorated on
 first use, in the mode in force then (compiled, or TRITON_INTERPRET=1 for CPU tests).
@@ -42,10 +46,14 @@ MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
-def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, L, chunk, H, G, qk_scale,
-                  q_sb, q_sh, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, ok_sb, ok_sl,
+def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,
+                  L, chunk, H, G, qk_scale, q_sb, q_sh, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, ok_sb, ok_sl,
+                  kn_sb, kn_sh, vn_sb, vn_sh, cs_sb,
                   SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
-                  PDL: tl.constexpr):
+                  STEP: tl.constexpr, PDL: tl.constexpr):
+    """One (row, head, piece) partial. STEP: q, the new k and v are the projections before RoPE,
+    rotated here; the new k, v are this step's slot (written to the cache by the piece holding
+    it, one query head of each group) and the slots allowed are the filled ones up to it."""
     bh = tl.program_id(0)
     piece = tl.program_id(1)
     b = bh // H
@@ -53,28 +61,60 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, L, chunk, H, G, qk_scal
     kv = h // G  # grouped-query attention: query heads h share k/v head h // G (SDPA's enable_gqa)
     d = tl.arange(0, D_PAD)
     in_head = d < D
+    start = piece * chunk
+    end = tl.minimum(start + chunk, L)
     if PDL:  # q comes from the launch before: wait for it, then let the combine be scheduled
         gdc_wait()
         gdc_launch_dependents()
-    # scores in log2 units: exp2 is the hardware's exponential
-    q = tl.load(q_ptr + b * q_sb + h * q_sh + d, mask=in_head, other=0.0).to(tl.float32) * qk_scale
+    if STEP:
+        slot = tl.load(slot_ptr).to(tl.int32)
+        partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * cs_sb + d, mask=in_head, other=0.0)
+        sin = tl.load(sin_ptr + b * cs_sb + d, mask=in_head, other=0.0)
+        # RoPE as `apply_rotary` does it (channel i paired with i + D/2, in float32), rounded to
+        # the model's dtype as the plain path's rotated q and k are
+        q_at, k_at = q_ptr + b * q_sb + h * q_sh, kn_ptr + b * kn_sb + kv * kn_sh
+        q = (tl.load(q_at + d, mask=in_head, other=0.0).to(tl.float32) * cos
+             + sign * tl.load(q_at + partner, mask=in_head, other=0.0).to(tl.float32) * sin)
+        q = q.to(q_ptr.dtype.element_ty).to(tl.float32)
+        k_new = (tl.load(k_at + d, mask=in_head, other=0.0).to(tl.float32) * cos
+                 + sign * tl.load(k_at + partner, mask=in_head, other=0.0).to(tl.float32) * sin)
+        k_new = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)
+        v_new = tl.load(vn_ptr + b * vn_sb + kv * vn_sh + d, mask=in_head, other=0.0).to(tl.float32)
+        # the piece holding the slot writes it, one query head of each group
+        writer = in_head & ((d * 0 + ((h % G == 0) & (slot >= start) & (slot < end)).to(tl.int32)) > 0)
+        tl.store(k_ptr + b * k_sb + slot * k_sl + kv * k_sh + d, k_new.to(k_ptr.dtype.element_ty), mask=writer)
+        tl.store(v_ptr + b * v_sb + slot * v_sl + kv * v_sh + d, v_new.to(v_ptr.dtype.element_ty), mask=writer)
+    else:
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + d, mask=in_head, other=0.0).to(tl.float32)
+    q = q * qk_scale  # scores in log2 units: exp2 is the hardware's exponential
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D_PAD], tl.float32)
-    start = piece * chunk
-    end = tl.minimum(start + chunk, L)
     for l0 in range(start, end, BLOCK_L):
         slots = l0 + tl.arange(0, BLOCK_L)
         ok = tl.load(ok_ptr + b * ok_sb + slots * ok_sl, mask=slots < end, other=0) != 0
-        tile = ok[:, None] & in_head[None, :]
+        if STEP:  # this step's slot comes from registers, not from the cache
+            here = slots == slot
+            ok = (ok & (slots < slot)) | here
+            tile = (ok & ~here)[:, None] & in_head[None, :]
+        else:
+            tile = ok[:, None] & in_head[None, :]
         k = tl.load(k_ptr + b * k_sb + slots[:, None] * k_sl + kv * k_sh + d[None, :], mask=tile, other=0.0)
-        s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        k = k.to(tl.float32)
+        if STEP:
+            k = tl.where(here[:, None], k_new[None, :], k)
+        s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no allowed slot yet: no NaN from -inf - -inf
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use)
         v = tl.load(v_ptr + b * v_sb + slots[:, None] * v_sl + kv * v_sh + d[None, :], mask=tile, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        v = v.to(tl.float32)
+        if STEP:
+            v = tl.where(here[:, None], v_new[None, :], v)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
     row = part_ptr + (bh * SPLITS + piece) * (D_PAD + 2)
@@ -146,7 +186,7 @@ class AttentionLaunch:
         return triton.cdiv(length, chunk), chunk
 
 
-def _check(q, keys, values, allowed):
+def _check(q, keys, values, allowed, mask_name="allowed"):
     if not HAS_TRITON:
         raise RuntimeError("the decode attention kernel needs triton, which is not installed (pip install triton)")
     if not runs_on(q.device):
@@ -162,15 +202,47 @@ def _check(q, keys, values, allowed):
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim = {head_dim} is wider than the kernel takes ({MAX_HEAD_DIM})")
     if allowed.dtype != torch.bool or tuple(allowed.shape) != (batch, length):
-        raise ValueError(f"allowed must be a bool (batch, length) = ({batch}, {length}) mask, got "
+        raise ValueError(f"{mask_name} must be a bool (batch, length) = ({batch}, {length}) mask, got "
                          f"{allowed.dtype} {tuple(allowed.shape)}")
-    for name, t in (("keys", keys), ("values", values), ("allowed", allowed)):
+    for name, t in (("keys", keys), ("values", values), (mask_name, allowed)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if keys.stride(-1) != 1 or values.stride(-1) != 1:  # the cache itself: never copied here
         raise ValueError("keys and values must have a contiguous last dimension")
     if keys.dtype != q.dtype or values.dtype != q.dtype:
         raise ValueError(f"q, keys and values must share a dtype, got {q.dtype}, {keys.dtype}, {values.dtype}")
+
+
+def _launch(q, keys, values, ok, scale, launch, step=None) -> torch.Tensor:
+    """The split and combine launches; `step` = (k_new, v_new, cos, sin, slot) for the fused
+    step, where q is before RoPE and `ok` marks the filled slots."""
+    batch, heads, head_dim = q.shape
+    cfg = launch or AttentionLaunch()
+    length, kv_heads = keys.shape[1], keys.shape[2]
+    splits, chunk = cfg.pieces(batch * heads, length)
+    d_pad = triton.next_power_of_2(head_dim)
+    part = torch.empty(batch * heads, splits, d_pad + 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    pdl = cfg.pdl and pdl_runs_on(q.device)
+    extra = dict(launch_pdl=True) if pdl else {}  # a launch option of compiled kernels only
+    ok = ok.view(torch.uint8)  # the same bytes; a pointer to bytes in both triton modes
+    k_new, v_new, cos, sin, slot = step or (q, q, q, q, q)  # unread without STEP
+    _kernel(_split_kernel)[(batch * heads, splits)](
+        q, keys, values, ok, part, k_new, v_new, cos, sin, slot, length, chunk, heads, heads // kv_heads,
+        scale * _LOG2E, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), ok.stride(0), ok.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
+        SPLITS=splits, D=head_dim, D_PAD=d_pad, BLOCK_L=cfg.block_l, STEP=step is not None, PDL=pdl,
+        num_warps=cfg.warps, **extra)
+    _kernel(_combine_kernel)[(batch * heads,)](
+        part, out, heads, out.stride(0), out.stride(1), SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
+        D=head_dim, D_PAD=d_pad, PDL=pdl, num_warps=cfg.warps, **extra)
+    return out
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, *,
@@ -182,27 +254,38 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     one a row, else its output is NaN, as SDPA's). Returns (batch, heads, head_dim) in q's dtype.
     """
     _check(q, keys, values, allowed)
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    return _launch(_unit_stride(q), keys, values, allowed, scale, launch)
+
+
+def decode_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          keys: torch.Tensor, values: torch.Tensor, filled: torch.Tensor, slot: torch.Tensor, *,
+                          scale: Optional[float] = None, launch: Optional[AttentionLaunch] = None) -> torch.Tensor:
+    """A decode step's attention in one go: RoPE on q and the new k, the new k and v written to
+    the cache at `slot`, and the attention of q over the filled slots up to it. It replaces
+    `apply_rotary`, `KVCache.write` and SDPA with `KVCache.mark`'s mask, and their launches.
+
+    q: (batch, heads, head_dim), k, v: (batch, kv_heads, head_dim), the projections before RoPE;
+    cos, sin: (batch, head_dim) float32 at each row's position; keys, values: the layer's cache
+    (batch, length, kv_heads, head_dim), written at column `slot` (a one-element integer tensor);
+    filled: (batch, length) bool, the cache's real slots (this step's included or not: a query
+    always sees its own slot). Returns (batch, heads, head_dim) in q's dtype.
+    """
+    _check(q, keys, values, filled, "filled")
     batch, heads, head_dim = q.shape
-    cfg = launch or AttentionLaunch()
-    length, kv_heads = keys.shape[1], keys.shape[2]
-    splits, chunk = cfg.pieces(batch * heads, length)
-    d_pad = triton.next_power_of_2(head_dim)
-    part = torch.empty(batch * heads, splits, d_pad + 2, dtype=torch.float32, device=q.device)
-    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    pdl = cfg.pdl and pdl_runs_on(q.device)
-    extra = dict(launch_pdl=True) if pdl else {}  # a launch option of compiled kernels only
-    ok = allowed.view(torch.uint8)  # the same bytes; a pointer to bytes in both triton modes
-    _kernel(_split_kernel)[(batch * heads, splits)](
-        q, keys, values, ok, part, length, chunk, heads, heads // kv_heads, scale * _LOG2E,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), ok.stride(0), ok.stride(1),
-        SPLITS=splits, D=head_dim, D_PAD=d_pad, BLOCK_L=cfg.block_l, PDL=pdl, num_warps=cfg.warps, **extra)
-    _kernel(_combine_kernel)[(batch * heads,)](
-        part, out, heads, out.stride(0), out.stride(1), SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
-        D=head_dim, D_PAD=d_pad, PDL=pdl, num_warps=cfg.warps, **extra)
-    return out
+    kv_shape = (batch, keys.shape[2], head_dim)
+    if tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k and v must be (batch, kv_heads, head_dim) = {kv_shape} in {q.dtype}, got "
+                         f"{tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
+    if head_dim % 2:
+        raise ValueError(f"RoPE pairs channel i with i + head_dim / 2: head_dim = {head_dim} must be even")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (batch, head_dim) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 (batch, head_dim) = ({batch}, {head_dim}), got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if slot.numel() != 1 or slot.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot must be a one-element integer tensor, got {slot.dtype} {tuple(slot.shape)}")
+    step = (_unit_stride(k), _unit_stride(v), _unit_stride(cos), _unit_stride(sin), slot.reshape(1))
+    return _launch(_unit_stride(q), keys, values, filled, scale, launch, step)
 
 
 def applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -212,12 +295,15 @@ def applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
             and q.shape[-1] <= MAX_HEAD_DIM)
 
 
-@torch.library.custom_op("moc_lightning::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """`decode_attention` as an op torch.compile keeps whole (its launches are not traced)."""
-    return decode_attention(q, keys, values, allowed)
+@torch.library.custom_op("moc_lightning::decode_attention_step", mutates_args=("keys", "values"))
+def decode_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             keys: torch.Tensor, values: torch.Tensor, filled: torch.Tensor,
+                             slot: torch.Tensor) -> torch.Tensor:
+    """`decode_attention_step` as an op; it writes the cache in place (declared, so that the
+    compiler orders the layer's later reads of the cache after it)."""
+    return decode_attention_step(q, k, v, cos, sin, keys, values, filled, slot)
 
 
-@decode_attention_op.register_fake
-def _(q, keys, values, allowed):
+@decode_attention_step_op.register_fake
+def _(q, k, v, cos, sin, keys, values, filled, slot):
     return q.new_empty(q.shape)

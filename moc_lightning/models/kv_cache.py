@@ -19,7 +19,11 @@ class KVCache:
     A tensor a layer, not one (n_layers, ...) tensor written through views: torch.compile turns an
     in-place write into a view of a step's input into a copy of the whole input, so a compiled
     step copied the whole cache and wrote it back at every token (about 300 us of a llama-1b
-    step on an H200, stop 18's `bench.decode_profile`); a write into a whole input is done in place."""
+    step on an H200, stop 18's `bench.decode_profile`); a write into a whole input is done in place.
+
+    A model prepared for decoding (`prepare_for_decode`) writes its one-token steps' k and v from
+    inside the attention kernel (`kernels.decode_attention.decode_attention_step`), not through
+    `write`; the layout is the same."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, device=None, dtype=torch.float32):
         if batch < 1 or max_len < 1:

@@ -103,20 +103,26 @@ class Attention(nn.Module):
                 raise RuntimeError("attention='flash_attn' but flash_attn is not installed: "
                                    "install flash-attn or use attention='sdpa'") from exc
             self.flash_attn_func = flash_attn_func
-        # Decoding steps of one token a row go to the split-cache kernel (`prepare_for_decode`).
+        # Decoding steps of one token a row go to the split-cache kernel, RoPE and the cache write
+        # included (`prepare_for_decode`).
         self.decode_kernel = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional["CacheStep"] = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cache is not None and self.decode_kernel and s == 1 and decode_attention.applies(q, cache.kv.keys[cache.layer]):
+            # One kernel for RoPE, the cache write and the attention (cos/sin: (batch, 1, head_dim)).
+            out = decode_attention.decode_attention_step_op(
+                q.view(b, self.n_heads, self.head_dim), k.view(b, self.n_kv_heads, self.head_dim),
+                v.view(b, self.n_kv_heads, self.head_dim), cos[:, 0], sin[:, 0], cache.kv.keys[cache.layer],
+                cache.kv.values[cache.layer], cache.kv.filled, cache.slots)
+            return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
+        q = apply_rotary(q.view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
         if cache is not None:
             # Decoding: attend over the whole static cache, masked to this row's earlier real tokens.
             keys, values = cache.kv.write(cache.layer, cache.slots, k, v)
-            if self.decode_kernel and s == 1 and decode_attention.applies(q, keys):
-                out = decode_attention.decode_attention_op(q[:, 0], keys, values, cache.mask[:, 0, 0])
-                return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                                  attn_mask=cache.mask, enable_gqa=self.n_kv_heads != self.n_heads)
             out = out.transpose(1, 2)
