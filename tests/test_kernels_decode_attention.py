@@ -131,7 +131,7 @@ def step_inputs(dtype=torch.float32, heads=4, kv_heads=2, head_dim=16, length=37
     k = torch.randn(2, kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(2, kv_heads, head_dim, generator=gen).to(dtype)
     filled[0, slot] = False  # row 0's query is a pad: it still sees its own slot
-    filled[:, slot + 3:] = True  # later slots, marked filled, must not be read either
+    filled[:, slot + 3:] = True  # later slots, marked filled, must not count either
     cos, sin = RotaryTables(head_dim, 64, 10000.0).at(torch.tensor([[slot], [slot - 4]]))  # left padding
     return q, k, v, cos[:, 0], sin[:, 0], keys, values, filled, torch.tensor([slot])
 
@@ -163,7 +163,7 @@ def test_step_rotates_writes_the_slot_and_attends(launch, kv_heads):
     assert torch.equal(keys[:, other], untouched_k[:, other]) and torch.equal(values[:, other], untouched_v[:, other])
 
 
-def test_step_reads_neither_later_slots_nor_the_old_contents_of_its_own():
+def test_step_counts_neither_later_slots_nor_the_old_contents_of_its_own():
     args = list(step_inputs())
     ref, _, _ = step_reference(*args)
     keys, values, filled, slot = args[5:]
@@ -210,15 +210,18 @@ def test_step_refuses_an_odd_head_dim():
         da.decode_attention_step(*args)
 
 
-def tiny_dense_model() -> MoCTransformer:
+def tiny_dense_model(**overrides) -> MoCTransformer:
     torch.manual_seed(0)
-    return MoCTransformer(ModelConfig.from_preset("llama-tiny", ffn={"kind": "swiglu"})).eval()
+    return MoCTransformer(ModelConfig.from_preset("llama-tiny", ffn={"kind": "swiglu"}, **overrides)).eval()
 
 
 def test_a_model_decodes_with_the_kernel_as_with_sdpa(monkeypatch):
     """Greedy tokens with and without the kernel; every one-token step of every layer used it,
     the multi-token prefill did not."""
-    model = tiny_dense_model()
+    # heads x head_dim (512) wider than one head may be (the first version asked that of q's
+    # last dimension, so llama-1b never took the kernel while llama-tiny did)
+    model = tiny_dense_model(d_model=512, n_heads=8, n_kv_heads=4)
+    assert model.cfg.n_heads * model.cfg.head_dim > da.MAX_HEAD_DIM
     prompts = [[10, 12, 14, 16], [100, 101, 102, 103, 104, 105]]  # left padding: masked slots in row 0
     plain = generate(model, prompts, max_new_tokens=12)
     calls = []

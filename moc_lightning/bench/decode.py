@@ -493,7 +493,10 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: s
                    new_tokens=new_tokens, dtype="bfloat16")
         with torch.no_grad():
             if kind == "swiglu":  # one decode step, the attention kernel vs SDPA's path, bf16
-                logits = []
+                from moc_lightning.kernels import decode_attention as da
+
+                logits, launched, run_step = [], [], da.decode_attention_step
+                da.decode_attention_step = lambda *a, **kw: launched.append(1) or run_step(*a, **kw)  # count the layers
                 for enable in (True, False):
                     model.prepare_for_decode(enable)
                     cache = model.new_cache(1, prompt_len + 1)
@@ -501,10 +504,11 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: s
                                          torch.arange(prompt_len, device="cuda"))
                     logits.append(model.forward_cached(prompt[:, -1:], cache, torch.full((1, 1), prompt_len, device="cuda"),
                                                        torch.tensor([prompt_len], device="cuda")).float())
+                da.decode_attention_step = run_step
                 model.prepare_for_decode(True)
                 err = rel_error(*logits)
-                out.check("correct/model/swiglu_bf16_step_logits_attention_kernel_vs_sdpa", err < 2e-2, rel_err=err,
-                          **ctx)
+                out.check("correct/model/swiglu_bf16_step_logits_attention_kernel_vs_sdpa",
+                          err < 2e-2 and len(launched) == cfg.n_layers, rel_err=err, kernel_layers=len(launched), **ctx)
             if kind == "moc":  # one decode step, kernels vs plain path, same cache contents
                 cache = model.new_cache(1, prompt_len + 1)
                 model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None], torch.arange(prompt_len, device="cuda"))

@@ -95,12 +95,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr
     for l0 in range(start, end, BLOCK_L):
         slots = l0 + tl.arange(0, BLOCK_L)
         ok = tl.load(ok_ptr + b * ok_sb + slots * ok_sl, mask=slots < end, other=0) != 0
+        # the tiles' loads wait on the filled flags only (STEP: not on the slot too, one round
+        # trip less; later slots hold nothing yet, and the slot's stale row is replaced below)
+        tile = ok[:, None] & in_head[None, :]
         if STEP:  # this step's slot comes from registers, not from the cache
             here = slots == slot
             ok = (ok & (slots < slot)) | here
-            tile = (ok & ~here)[:, None] & in_head[None, :]
-        else:
-            tile = ok[:, None] & in_head[None, :]
         k = tl.load(k_ptr + b * k_sb + slots[:, None] * k_sl + kv * k_sh + d[None, :], mask=tile, other=0.0)
         k = k.to(tl.float32)
         if STEP:
@@ -112,8 +112,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr
         p = tl.exp2(s - m_use)
         v = tl.load(v_ptr + b * v_sb + slots[:, None] * v_sl + kv * v_sh + d[None, :], mask=tile, other=0.0)
         v = v.to(tl.float32)
-        if STEP:
-            v = tl.where(here[:, None], v_new[None, :], v)
+        if STEP:  # the slot's own v; slots loaded but not allowed (later ones) weigh 0, NaN or not
+            v = tl.where(here[:, None], v_new[None, :], tl.where(ok[:, None], v, 0.0))
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -288,11 +288,12 @@ def decode_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     return _launch(_unit_stride(q), keys, values, filled, scale, launch, step)
 
 
-def applies(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether a decode step's attention can go to the kernel: one query per row on a device it
-    runs on, no autograd, matching dtypes, a head it takes."""
-    return (HAS_TRITON and runs_on(q.device) and not torch.is_grad_enabled() and q.dtype == keys.dtype
-            and q.shape[-1] <= MAX_HEAD_DIM)
+def applies(x: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether a decode step whose activations are x can take the kernel over the cache `keys`
+    (batch, length, kv_heads, head_dim): a device it runs on, no autograd, the cache's dtype, a
+    head it takes."""
+    return (HAS_TRITON and runs_on(keys.device) and not torch.is_grad_enabled() and x.dtype == keys.dtype
+            and keys.shape[-1] <= MAX_HEAD_DIM)
 
 
 @torch.library.custom_op("moc_lightning::decode_attention_step", mutates_args=("keys", "values"))

@@ -110,7 +110,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional["CacheStep"] = None) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if cache is not None and self.decode_kernel and s == 1 and decode_attention.applies(q, cache.kv.keys[cache.layer]):
+        if cache is not None and self.decode_kernel and s == 1 and decode_attention.applies(x, cache.kv.keys[cache.layer]):
             # One kernel for RoPE, the cache write and the attention (cos/sin: (batch, 1, head_dim)).
             out = decode_attention.decode_attention_step_op(
                 q.view(b, self.n_heads, self.head_dim), k.view(b, self.n_kv_heads, self.head_dim),
