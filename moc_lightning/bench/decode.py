@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import time
@@ -492,23 +493,35 @@ def bench_model(out: Recorder, prompt_len: int, new_tokens: int, compile_mode: s
         ctx = dict(model="llama-1b", ffn=model.layers[0].mlp.cfg.label, weights="random", batch=1, prompt=prompt_len,
                    new_tokens=new_tokens, dtype="bfloat16")
         with torch.no_grad():
-            if kind == "swiglu":  # one decode step, the attention kernel vs SDPA's path, bf16
+            if kind == "swiglu":  # one decode step: the attention kernel, SDPA's path, both against float64
                 from moc_lightning.kernels import decode_attention as da
 
-                logits, launched, run_step = [], [], da.decode_attention_step
+                def one_step(m: MoCTransformer, kernel: bool) -> torch.Tensor:
+                    m.prepare_for_decode(kernel)
+                    span = torch.arange(prompt_len, device="cuda")
+                    cache = m.new_cache(1, prompt_len + 1)
+                    m.forward_cached(prompt, cache, span[None], span)
+                    return m.forward_cached(prompt[:, -1:], cache, torch.full((1, 1), prompt_len, device="cuda"),
+                                            torch.tensor([prompt_len], device="cuda")).double()
+
+                launched, run_step = [], da.decode_attention_step
                 da.decode_attention_step = lambda *a, **kw: launched.append(1) or run_step(*a, **kw)  # count the layers
-                for enable in (True, False):
-                    model.prepare_for_decode(enable)
-                    cache = model.new_cache(1, prompt_len + 1)
-                    model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None],
-                                         torch.arange(prompt_len, device="cuda"))
-                    logits.append(model.forward_cached(prompt[:, -1:], cache, torch.full((1, 1), prompt_len, device="cuda"),
-                                                       torch.tensor([prompt_len], device="cuda")).float())
-                da.decode_attention_step = run_step
+                try:
+                    with_kernel, with_sdpa = one_step(model, True), one_step(model, False)
+                finally:
+                    da.decode_attention_step = run_step
                 model.prepare_for_decode(True)
-                err = rel_error(*logits)
-                out.check("correct/model/swiglu_bf16_step_logits_attention_kernel_vs_sdpa",
-                          err < 2e-2 and len(launched) == cfg.n_layers, rel_err=err, kernel_layers=len(launched), **ctx)
+                # bf16 through 24 random layers drifts a few % from float64 whichever attention runs
+                # (stop 19, H200: 0.0250 the kernel, 0.0249 cuDNN's SDPA), so the check is the kernel's
+                # drift against SDPA's, not a fixed tolerance.
+                reference = copy.deepcopy(model).double()
+                exact = one_step(reference, False)
+                del reference
+                drift_kernel, drift_sdpa = rel_error(with_kernel, exact), rel_error(with_sdpa, exact)
+                out.check("correct/model/swiglu_bf16_step_logits_attention_kernel_vs_float64",
+                          drift_kernel <= 1.25 * drift_sdpa and len(launched) == cfg.n_layers, rel_err=drift_kernel,
+                          sdpa_rel_err=drift_sdpa, kernel_vs_sdpa=rel_error(with_kernel, with_sdpa),
+                          kernel_layers=len(launched), **ctx)
             if kind == "moc":  # one decode step, kernels vs plain path, same cache contents
                 cache = model.new_cache(1, prompt_len + 1)
                 model.forward_cached(prompt, cache, torch.arange(prompt_len, device="cuda")[None], torch.arange(prompt_len, device="cuda"))
