@@ -40,8 +40,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:i]")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the one the run recorded")
     parser.add_argument("--decode-kernel", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CUDA, run MoC layers through the Triton decode kernel (default on; "
-                             "--no-decode-kernel for the plain PyTorch path)")
+                        help="on CUDA, run the decode steps through the Triton kernels: every layer's "
+                             "attention (RoPE and the cache write included) and MoC's FFN (default on; "
+                             "--no-decode-kernel for the plain PyTorch path, SDPA and the MoC FFN in torch)")
     parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph (CUDA only)")
     return parser
 
