@@ -145,7 +145,8 @@ def test_decode_kernel_generates_the_same_tokens_as_the_plain_path():
 
 def test_compiled_decode_step_reaches_the_kernel_through_its_custom_op(monkeypatch):
     """The decode step compiles as one graph (fullgraph: a graph break would raise), the MoC layers
-    appear in it as the opaque op moc_lightning::moc_decode, the kernel runs, and the tokens equal
+    (and the attention) appear in it as the opaque ops moc_lightning::moc_decode (and
+    decode_attention_step), the kernel runs, and the tokens equal
     the plain path's. The backend records Dynamo's graph and runs it as traced (no inductor build)."""
     import moc_lightning.ffn.decode as decode
 
@@ -169,6 +170,8 @@ def test_compiled_decode_step_reaches_the_kernel_through_its_custom_op(monkeypat
         torch._dynamo.reset()
     assert compiled.tokens == plain.tokens
     assert traced.count("moc_lightning.moc_decode.default") == model.cfg.n_layers
+    # prepare_for_decode also sent every layer's attention to its kernel, as one op too
+    assert traced.count("moc_lightning.decode_attention_step.default") == model.cfg.n_layers
     assert len(launched) == 5 * model.cfg.n_layers and all(shape == (1, model.cfg.d_model) for shape in launched)
 
 

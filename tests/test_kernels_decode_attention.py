@@ -238,27 +238,6 @@ def test_a_model_decodes_with_the_kernel_as_with_sdpa(monkeypatch):
     assert calls == []
 
 
-def test_a_compiled_step_reaches_the_kernel_through_its_custom_op():
-    """The decode step compiles as one graph (fullgraph) with the attention as the opaque op."""
-    model = tiny_dense_model()
-    prompts = [list(range(10, 20))]
-    plain = generate(model, prompts, max_new_tokens=4)
-    model.prepare_for_decode()
-    traced = []
-
-    def recording_backend(graph_module, example_inputs):
-        traced.extend(str(node.target) for node in graph_module.graph.nodes)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    try:
-        compiled = generate(model, prompts, max_new_tokens=4, compile=recording_backend)
-    finally:
-        torch._dynamo.reset()
-    assert compiled.tokens == plain.tokens
-    assert traced.count("moc_lightning.decode_attention_step.default") == model.cfg.n_layers
-
-
 def test_inductor_writes_the_cache_in_place_through_the_step_op():
     """Compiled by inductor (on CPU here), the step calls the op on the cache tensors themselves:
     a mutating op the compiler could not re-inplace would copy each layer's cache every step, the
