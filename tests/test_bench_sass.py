@@ -82,6 +82,15 @@ def test_decode_updown_loads_whole_rows_16_bytes_a_thread_without_spilling():
     assert spills["value"] == 0, spills["ops"]
 
 
+def test_decode_attention_step_reads_its_cache_tiles_16_bytes_a_thread_without_spilling():
+    """The llama-1b step's split kernel (one warp, 16 slots of 64 bf16 a tile): the k and v tiles,
+    2 KB each, are 4 16-byte loads a thread each, and nothing spills."""
+    records = _records("--kernel", "decode_attention_step")
+    assert records["decode_attention_step", "sass_16_byte_accesses"]["value"] >= 8
+    spills = records["decode_attention_step", "sass_local_memory_ops"]
+    assert spills["value"] == 0, spills["ops"]
+
+
 def test_sass_refuses_the_interpreter_in_one_line():
     result = _run_sass("--kernel", "row_topk", interpret=True)
     assert result.returncode == 1

@@ -25,7 +25,7 @@ from typing import Optional
 from moc_lightning.bench.common import emit
 
 BENCH = "sass"
-KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward", "decode_updown")
+KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward", "decode_updown", "decode_attention_step")
 # Shared-memory traffic and CTA barriers: in a one-warp kernel, layout conversions.
 SHARED_MEMORY_OPS = ("STS", "LDS", "BAR")
 # Local-memory traffic: registers spilled.
@@ -103,6 +103,30 @@ def _decode_updown_source():
                      attrs={(i,): [["tt.divisibility", 16]] for i in aligned}), {"num_warps": cfg.updown_warps}
 
 
+def _decode_attention_step_source():
+    """The decode attention's split kernel as a llama-1b decode step runs it: the fused step (RoPE,
+    the cache write), bf16, 32 heads of 64 over a 256-slot cache at batch 1, the default launch."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from moc_lightning.kernels import decode_attention as da
+
+    cfg = da.AttentionLaunch()
+    splits, _ = cfg.pieces(32, 256)
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "part_ptr": "*fp32",
+                "kn_ptr": "*bf16", "vn_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64"}
+    ints = ("L", "chunk", "H", "G", "q_sb", "q_sh", "k_sb", "k_sl", "k_sh", "v_sb", "v_sl", "v_sh", "ok_sb", "ok_sl",
+            "kn_sb", "kn_sh", "vn_sb", "vn_sh", "cs_sb")
+    signature = {**pointers, **{name: "i32" for name in ints[:4]}, "qk_scale": "fp32", **{name: "i32" for name in ints[4:]}}
+    constexprs = dict(SPLITS=splits, D=64, D_PAD=64, BLOCK_L=cfg.block_l, STEP=True, PDL=cfg.pdl)
+    signature.update({name: "constexpr" for name in constexprs})
+    # pointers and the strides of 64-wide heads are multiples of 16, as the launcher specializes them
+    aligned = [i for i, name in enumerate(signature) if name in pointers or name.endswith(("_sb", "_sl", "_sh"))
+               and name not in ("ok_sl",)]
+    return ASTSource(fn=da._kernel(da._split_kernel), signature=signature, constexprs=constexprs,
+                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned}), {"num_warps": cfg.warps}
+
+
 def compile_sass(kernel: str, chunk: int = 128) -> str:
     """SASS text of `kernel` (one of KERNELS) compiled for sm_90."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -116,6 +140,8 @@ def compile_sass(kernel: str, chunk: int = 128) -> str:
         source, options = _mask_source(kernel)
     elif kernel == "decode_updown":
         source, options = _decode_updown_source()
+    elif kernel == "decode_attention_step":
+        source, options = _decode_attention_step_source()
     else:
         source, options = _row_topk_source(chunk, mask_out=kernel == "row_topk_mask")
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
