@@ -11,6 +11,8 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates anything: CPU tensors, no GPU
 
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -257,3 +259,27 @@ def test_inductor_writes_the_cache_in_place_through_the_step_op():
     code = "\n".join(codes)
     assert code.count("moc_lightning.decode_attention_step.default(") == model.cfg.n_layers
     assert ".copy_(" not in code and "clone(" not in code
+
+
+def test_without_triton_a_prepared_model_decodes_on_sdpa_and_the_kernel_refuses_clearly():
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch\n"
+        "from moc_lightning.kernels import decode_attention as da\n"
+        "from moc_lightning.inference import generate\n"
+        "from moc_lightning.models import ModelConfig, MoCTransformer\n"
+        "model = MoCTransformer(ModelConfig.from_preset('llama-tiny', ffn={'kind': 'swiglu'})).eval()\n"
+        "plain = generate(model, [[1, 2, 3]], max_new_tokens=3).tokens\n"
+        "model.prepare_for_decode()\n"
+        "assert generate(model, [[1, 2, 3]], max_new_tokens=3).tokens == plain\n"
+        "try:\n"
+        "    da.decode_attention(torch.randn(1, 2, 4), torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4),\n"
+        "                        torch.ones(1, 3, dtype=torch.bool))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'needs triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

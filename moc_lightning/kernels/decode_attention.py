@@ -7,8 +7,8 @@ into `splits` pieces per head ("flash-decoding", Dao et al. 2023), so every SM r
 
   1. `_split_kernel`, one program per (row, head, piece): the scores of the piece's allowed slots,
      their softmax numerator and its weighted sum of values, written as a float32 partial
-     (acc[D], running max, running sum). Slots the mask forbids are not loaded at all, so a cache
-     that is mostly still empty costs what it holds, not its length.
+     (acc[D], running max, running sum). Slots the mask forbids (the step: slots not filled) are
+     not loaded at all, so a cache that is mostly still empty costs what it holds, not its length.
   2. `_combine_kernel`, one program per (row, head): rescales the partials to a common max and
      writes the output in the query's dtype.
 
