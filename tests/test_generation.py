@@ -13,11 +13,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moc_lightning.inference import generate, sample_next, SamplingConfig  # noqa: E402
+from moc_lightning.kernels import decode_attention  # noqa: E402
 from moc_lightning.kernels.moc_decode import LaunchConfig  # noqa: E402
 from moc_lightning.models import ModelConfig, MoCTransformer  # noqa: E402
 
 # One program per kernel for the tiny model (d_ffn 172): the interpreter's cost is per program.
 ONE_PROGRAM = LaunchConfig(gate_block_c=256, gate_block_d=64, updown_block_c=256, updown_block_d=64)
+# The attention of a (row, head) in one program (the cache is 64 slots).
+ONE_ATTENTION_PROGRAM = decode_attention.AttentionLaunch(block_l=64, target_programs=1)
 
 
 def tiny_model(kind: str = "moc", seed: int = 0, **ffn) -> MoCTransformer:
@@ -126,7 +129,8 @@ def train_briefly(model: MoCTransformer, steps: int = 40) -> None:
     model.eval()
 
 
-def test_decode_kernel_generates_the_same_tokens_as_the_plain_path():
+def test_decode_kernel_generates_the_same_tokens_as_the_plain_path(monkeypatch):
+    monkeypatch.setattr(decode_attention, "DEFAULT_LAUNCH", ONE_ATTENTION_PROGRAM)
     model = tiny_model("moc", topk_backend="torch", moc_kernel="torch")
     train_briefly(model)
     prompts = [[10, 12, 14, 16], [100, 101, 102, 103, 104, 105]]

@@ -436,7 +436,7 @@ def bench_attention(out: Recorder, length: int, filled: int, batches: list[int])
         floor = floor_ms(2 * (2 * batch * filled * heads * head_dim + 2 * batch * heads * head_dim)) * 1e3
         kernel_us = graphed_ms(kernel_call, reps=caches) * 1e3
         out.emit(f"attention/batch{batch}/kernel", kernel_us, "us", floor_us=floor, of_floor=kernel_us / floor,
-                 pieces=da.AttentionLaunch().pieces(batch * heads, length)[0], **ctx)
+                 pieces=da.DEFAULT_LAUNCH.pieces(batch * heads, length)[0], **ctx)
         # the model's call: RoPE on q and the new k, the cache written at slot `filled`, then attention
         k_new, v_new = (torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         cos, sin = (torch.rand(batch, head_dim, device="cuda") for _ in range(2))

@@ -111,7 +111,7 @@ def _decode_attention_step_source():
 
     from moc_lightning.kernels import decode_attention as da
 
-    cfg = da.AttentionLaunch()
+    cfg = da.DEFAULT_LAUNCH
     splits, _ = cfg.pieces(32, 256)
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "part_ptr": "*fp32",
                 "kn_ptr": "*bf16", "vn_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64"}

@@ -186,6 +186,11 @@ class AttentionLaunch:
         return triton.cdiv(length, chunk), chunk
 
 
+# What a call without `launch` takes (tests of whole models swap in fewer programs: the
+# interpreter's cost is per program).
+DEFAULT_LAUNCH = AttentionLaunch()
+
+
 def _check(q, keys, values, allowed, mask_name="allowed"):
     if not HAS_TRITON:
         raise RuntimeError("the decode attention kernel needs triton, which is not installed (pip install triton)")
@@ -217,7 +222,7 @@ def _launch(q, keys, values, ok, scale, launch, step=None) -> torch.Tensor:
     """The split and combine launches; `step` = (k_new, v_new, cos, sin, slot) for the fused
     step, where q is before RoPE and `ok` marks the filled slots."""
     batch, heads, head_dim = q.shape
-    cfg = launch or AttentionLaunch()
+    cfg = launch or DEFAULT_LAUNCH
     length, kv_heads = keys.shape[1], keys.shape[2]
     splits, chunk = cfg.pieces(batch * heads, length)
     d_pad = triton.next_power_of_2(head_dim)
