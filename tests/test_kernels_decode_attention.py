@@ -11,8 +11,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates anything: CPU tensors, no GPU
 
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,6 +20,7 @@ from moc_lightning.inference import generate  # noqa: E402
 from moc_lightning.kernels import decode_attention as da  # noqa: E402
 from moc_lightning.models import ModelConfig, MoCTransformer  # noqa: E402
 from moc_lightning.models.transformer import RotaryTables, apply_rotary  # noqa: E402
+from without_triton import run_without_triton  # noqa: E402
 
 f64 = torch.float64
 
@@ -263,7 +262,6 @@ def test_inductor_writes_the_cache_in_place_through_the_step_op():
 
 def test_without_triton_a_prepared_model_decodes_on_sdpa_and_the_kernel_refuses_clearly():
     code = (
-        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch\n"
         "from moc_lightning.kernels import decode_attention as da\n"
         "from moc_lightning.inference import generate\n"
@@ -280,6 +278,5 @@ def test_without_triton_a_prepared_model_decodes_on_sdpa_and_the_kernel_refuses_
         "else:\n"
         "    raise AssertionError('no error')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = run_without_triton(code)
     assert result.returncode == 0, result.stderr[-2000:]

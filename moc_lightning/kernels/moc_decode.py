@@ -58,7 +58,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, interpreting, pdl_runs_on, runs_on  # noqa: F401
+from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, interpreting, pdl_runs_on, runs_on
 
 try:
     import triton
