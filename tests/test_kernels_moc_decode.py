@@ -79,14 +79,37 @@ def test_other_launch_configs(rows, config):
         assert rel(run(x, wg, wu, wd, k=33, group=group, config=config), reference(x, wg, wu, wd, 33, group, "pre_silu")) < 1e-5
 
 
+@pytest.mark.parametrize("rows, k", [(2, 3), (3, 40), (8, 90)])
+@pytest.mark.parametrize("select_here_rows", [1, 8], ids=["select-launched", "select-in-updown"])
+def test_several_tokens_a_token_at_a_time(rows, k, select_here_rows):
+    """Batches 2-8 on CUDA cores with whole rows (d_model <= updown_block_d, no tensor cores): each
+    token's up dot and down partial apart (held in registers up to 4 tokens, added in memory
+    beyond). k 3 leaves most blocks with no kept row (their partial must be zeroed); k 90 at 8
+    tokens needs more rounds of 4 slots than one. The thresholds come from the select launch, or
+    each updown program finds every token's itself."""
+    config = LaunchConfig(use_dot=False, gate_block_c=2, gate_block_d=64, gate_warps=8, updown_block_c=32,
+                          updown_block_d=64, updown_rows=4, select_here_rows=select_here_rows)
+    wg, wu, wd = weights()
+    x = torch.randn(rows, D)
+    for group in (None, "2:8"):
+        assert rel(run(x, wg, wu, wd, k=k, group=group, config=config), reference(x, wg, wu, wd, k, group, "pre_silu")) < 1e-5
+    # bf16: thresholds off the fine histogram, ties at T counted on the keys row, in every program
+    wg, wu, wd = weights(dtype=torch.bfloat16)
+    xb = torch.randn(rows, D, dtype=torch.bfloat16)
+    out = run(xb, wg, wu, wd, k=k, config=config)
+    ref = reference(xb, wg, wu, wd, k, None, "pre_silu", rank_dtype=torch.bfloat16)
+    assert rel(out, ref) < 2e-2
+
+
 @pytest.mark.parametrize("block", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-radix", "bf16-fine-histogram"])
 @pytest.mark.parametrize("k", [1, 17, 99, 100])
 def test_ties_keep_exactly_k_lowest_index_first(k, dtype, block):
     """Only 5 distinct gate rows: G ties everywhere. Exactly k channels are kept; among tied
     channels at the threshold the lowest indices, which is the reference mask's stable order.
-    float32 keys go through the radix rounds, bf16 ones through the fine histogram. One token: each
-    up/down program ranks its block's tied channels after those before it (blocks of 32 or 16)."""
+    float32 keys go through the radix rounds, bf16 ones through the fine histogram. Where the
+    up/down programs select (one token; two with select_here_rows 2), each ranks its block's tied
+    channels after those before it (blocks of 32 or 16)."""
     d, d_ffn = 32, 100
     distinct = torch.randn(5, d)
     wg = distinct[torch.randint(0, 5, (d_ffn,))].contiguous()
@@ -94,8 +117,9 @@ def test_ties_keep_exactly_k_lowest_index_first(k, dtype, block):
     wg, wu, wd = (w.to(dtype) for w in (wg, wu, wd))
     x = torch.randn(2, d).to(dtype)
     scratch = DecodeScratch(d, d_ffn, x.device)
-    for rows in (1, 2):
-        out = run(x[:rows], wg, wu, wd, k=k, scratch=scratch, config=dataclasses.replace(SMALL, updown_block_c=block))
+    for rows, here in ((1, 1), (2, 1), (2, 2)):  # two tokens: the select launched, or in every up/down program
+        config = dataclasses.replace(SMALL, updown_block_c=block, select_here_rows=here)
+        out = run(x[:rows], wg, wu, wd, k=k, scratch=scratch, config=config)
         ref = reference(x[:rows], wg, wu, wd, k, None, "pre_silu", rank_dtype=dtype if dtype != torch.float32 else f64)
         assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
         assert not scratch.hist.any() and not scratch.fine.any()

@@ -70,9 +70,9 @@ _EDITS = (
     ("            cut = tl.zeros((T,), dtype=tl.int32) + cut_1\n",
      "            cut = tl.zeros((T,), dtype=tl.int32) + cut_1\n"
      "            _stamp(stamp_ptr, 3, (thr_1 + cut_1).to(tl.int32), True)\n"),
-    ("    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part",
+    ("    if SINGLE and (ACC_REGS or not BY_TOKEN):\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part",
      "    _stamp(stamp_ptr, 4, tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True), True)\n"
-     "    if SINGLE:\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
+     "    if SINGLE and (ACC_REGS or not BY_TOKEN):\n        cols = tl.arange(0, BLOCK_D)\n        tl.store(part"),
     ("            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n",
      "            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)\n"
      "            _stamp(stamp_ptr, 5, tl.sum(rows, axis=0), True)\n"),

@@ -225,17 +225,33 @@ def _z_dot_tile(z, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr
     return out
 
 
-def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, D, T: tl.constexpr, R: tl.constexpr,
+def _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T: tl.constexpr, R: tl.constexpr):
+    """(T, R) float32 = x[:, cols] . w (R, cols)^T on CUDA cores a token at a time: a (T, R, cols)
+    product in registers spills at T 4-8 with whole 2048-wide rows (sm_90)."""
+    tok = tl.arange(0, T)
+    out = tl.zeros((T, R), dtype=tl.float32)
+    for t in tl.static_range(T):
+        xt = tl.load(x_ptr + t * D + cols, mask=col_ok & (cols * 0 + t < B), other=0.0)
+        one = (B > t).to(w.dtype)  # 1 (0 past B): keeps the float32 copy of w per token, not hoisted
+        out = tl.where(tok[:, None] == t, tl.sum((w * one).to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)[None, :], out)
+    return out
+
+
+def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, B, D, T: tl.constexpr, R: tl.constexpr,
                   BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R). Rows masked off are never read."""
+    """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R), tok = 0..T-1 (those < B real). Rows
+    masked off are never read."""
     acc = tl.zeros((T, R), dtype=tl.float32)
     row_base = rows.to(tl.int64) * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
+        if T > 1 and not USE_DOT and T * R * BLOCK_D > 32768:  # a (T, R, BLOCK_D) product would spill
+            acc += _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T, R)
+        else:
+            xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
     return acc
 
 
@@ -268,7 +284,7 @@ def _top_slots(take, ch, g, R: tl.constexpr):
     return rows, (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), held
 
 
-def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, D, T: tl.constexpr,
+def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, B, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
@@ -290,9 +306,45 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
         z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
         acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
     else:
-        u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, D, T, R, BLOCK_D, USE_DOT, IEEE)
+        u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, B, D, T, R, BLOCK_D, USE_DOT, IEEE)
         z = tl.where(sel, g * tl.sigmoid(g) * u, 0.0)
         _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T, BLOCK_D, USE_DOT, IEEE)
+    return acc
+
+
+def _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g, sel, B, D, T: tl.constexpr,
+                          R: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_D: tl.constexpr, ACC_REGS: tl.constexpr):
+    """Several tokens on CUDA cores, whole rows (d_model <= BLOCK_D): both R-row tiles requested
+    at once, as one token does, then a token at a time, each token's share of the partial added in
+    memory. A (T, R, BLOCK_D) product in registers, or a (T, BLOCK_D) partial held across the
+    rounds, spills at T 4-8 (thousands of bytes a thread, sm_90), and tensor cores pad the tokens
+    to 16 and loop over narrow column tiles whose loads wait on one another (stop 15: 31-42 us
+    for the up/down at batch 2-8 against a 3.6-8.5 us floor). g, sel: (T, R). ACC_REGS: the
+    partial stays in acc (T, BLOCK_D) across the rounds (few tokens), else it is added in memory."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    # slots past the kept rows read row 0 and sel zeroes them (see _updown_rows)
+    if EXACT_D:
+        wu = tl.load(wu_ptr + at)
+        wd = tl.load(wdt_ptr + at)
+    else:
+        wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
+        wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
+    tok = tl.arange(0, T)
+    z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile_by_token(x_ptr, wu, cols, col_ok, B, D, T, R), 0.0)
+    for t in tl.static_range(T):
+        z_t = tl.sum(tl.where(tok[:, None] == t, z, 0.0), axis=0)
+        contrib = tl.sum(z_t[:, None] * (wd * (B > t).to(wd.dtype)).to(tl.float32), axis=0)
+        if ACC_REGS:
+            acc = tl.where(tok[:, None] == t, acc + contrib[None, :], acc)
+        else:
+            dst = part + t * D + cols
+            ok = col_ok & (cols * 0 + t < B)
+            prev = tl.load(dst, mask=ok & (first > 0), other=0.0)
+            tl.store(dst, prev + contrib, mask=ok)
+    if not ACC_REGS:
+        tl.debug_barrier()  # the next round reads what this one wrote
     return acc
 
 
@@ -310,7 +362,7 @@ def _gate_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, D, F, B,
     ch_ok = ch < F
     tok = tl.arange(0, T)
     tok_ok = tok < B
-    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE)
+    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE)
     valid = tok_ok[:, None] & ch_ok[None, :]
     tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
     # The select's first step, spread over all programs. Relaxed adds: only later launches read it.
@@ -341,7 +393,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
-                   TOPK: tl.constexpr, PDL: tl.constexpr):
+                   TOPK: tl.constexpr, BY_TOKEN: tl.constexpr, ACC_REGS: tl.constexpr, PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
 
@@ -369,7 +421,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         member = lane % GROUP_P2
         ch = (tl.program_id(0) * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
         ch_ok = (member < GROUP_B) & (ch < F)
-        g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
+        g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
         score = _rank_score(g, ROUND, POST_SILU)
         # rank of lane i in its group = #members j that outrank it (ties: lower channel first)
         same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
@@ -383,14 +435,25 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         ch_ok = ch < F
         g = tl.load(g_ptr + tok[:, None] * F + ch[None, :], mask=tok_ok[:, None] & ch_ok[None, :], other=0.0)
         key = _rank_key(_rank_score(g, ROUND, POST_SILU), ROUND, KEY16)
-        if SELECT_HERE:  # the histogram asked for first: the threshold's round trips start it
+        if SELECT_HERE and T == 1:  # the histogram asked for first: the threshold's round trips start it
             hist = tl.load(hist_ptr + tl.arange(0, 256))
             fine_guess, guess_top = hist, -1
         if HINT:
             guess_top = hint >> 8  # T's top byte, if T is near the last one: its fine bins now
             at = guess_top * 256 + tl.arange(0, 256)
             fine_guess = tl.load(fine_ptr + at, mask=at < 65536, other=0)
-        if SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
+        if SELECT_HERE and T > 1:  # a few tokens: each token's threshold in turn, as one token's below
+            thr = tl.zeros((T,), dtype=tl.int64)
+            cut = tl.zeros((T,), dtype=tl.int32)
+            for t in tl.static_range(T):
+                if B > t:  # a token past B has no histogram to read
+                    hist_t = tl.load(hist_ptr + t * 256 + tl.arange(0, 256))
+                    thr_t, cut_t = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist_t, hist_t, -1,
+                                                  fine_ptr + t * 65536, F, K, tl.program_id(0) * BLOCK_C, BLOCK_C,
+                                                  N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
+                    thr = tl.where(tok == t, thr_t.to(tl.int64), thr)
+                    cut = tl.where(tok == t, cut_t, cut)
+        elif SELECT_HERE:  # one token: every program finds the threshold itself (no select launch)
             thr_1, cut_1 = _row_threshold(g_ptr, keys_ptr, hist, fine_guess, guess_top, fine_ptr, F, K,
                                           tl.program_id(0) * BLOCK_C, BLOCK_C, N_PAD, ROUND, POST_SILU, KEY16,
                                           RADIX_BITS)
@@ -416,7 +479,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         for first in range(0, n_needed, R):
             rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
             acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
-                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+                               tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     else:
         for first in range(0, n_needed, R):
             want = first + tl.arange(0, R)
@@ -424,9 +487,13 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
             g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
             sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
-            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
-                               tok_ok, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
-    if SINGLE:
+            if BY_TOKEN:
+                acc = _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g_r, sel_r, B, D, T, R,
+                                            BLOCK_D, EXACT_D, ACC_REGS)
+            else:
+                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
+                                   tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+    if SINGLE and (ACC_REGS or not BY_TOKEN):
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
     else:
@@ -462,9 +529,9 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 
 # Device functions the kernels call; compiled kernels resolve them by name in this module, so they
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut,
+_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _x_dot_tile_by_token,
                                                  _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _top_slots, _updown_rows)}
+                                                 _top_slots, _updown_rows, _updown_rows_by_token)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
@@ -503,8 +570,10 @@ class LaunchConfig:
     use_dot: bool = False
     # One token: every updown program finds the threshold itself from G and the histogram (one
     # launch less, paid with the select's work repeated in each program); False launches
-    # `_select_kernel` first. Several tokens always launch it.
+    # `_select_kernel` first. Several tokens launch it, unless there are at most select_here_rows
+    # (each program then finds their thresholds one after another).
     select_in_updown: bool = True
+    select_here_rows: int = 1
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
@@ -671,7 +740,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     n_pad = triton.next_power_of_2(d_ffn)
     select_here = False
     if group is None:
-        select_here = rows == 1 and (cfg.select_in_updown if select_in_updown is None else select_in_updown)
+        select_here = rows <= cfg.select_here_rows and (cfg.select_in_updown if select_in_updown is None
+                                                        else select_in_updown)
         gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
         stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
             x, w_gate, s.g, s.keys, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
@@ -692,6 +762,10 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if tokens == 1 and HAS_TOPK:  # the slots are a top-R of the block's lanes
         slots = min(slots, block_c)
     hint = s.hint(w_gate) if select_here and rank["KEY16"] else None
+    # several tokens on CUDA cores with whole rows: a token at a time (see _updown_rows_by_token)
+    by_token = d_model <= cfg.updown_block_d and tokens > 1 and not cfg.use_dot
+    # the partial held in registers across the rounds: up to 4 tokens of 2048 columns (64 a thread on 4 warps)
+    acc_regs = by_token and tokens * triton.next_power_of_2(d_model) <= 8192
     # a register cap is a compile option of the CUDA backend (the interpreter takes none)
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
     stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
@@ -699,7 +773,8 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
         SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
-        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, num_warps=cfg.updown_warps, **common,
+        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, BY_TOKEN=by_token, ACC_REGS=acc_regs,
+        num_warps=cfg.updown_warps, **common,
         **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
