@@ -177,13 +177,13 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 # the entry itself), so they follow the defaults: stop 15's choices, programmatic dependent launch
 # on for the row Top-K at batch 1 and for a:b groups at every batch.
 WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
-# Batches 2-8 on CUDA cores with whole rows, a token at a time (stop 20): batch 1's gate blocks,
-# and up/down tiles of a few whole rows on 4 or 8 warps.
-BY_TOKEN = dict(use_dot=False, gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048)
-BY_TOKEN_ROW = [dict(BY_TOKEN, updown_rows=8), dict(BY_TOKEN, updown_rows=16), dict(BY_TOKEN, updown_rows=4),
-                dict(BY_TOKEN, updown_rows=8, pdl=True), dict(BY_TOKEN, updown_rows=8, select_here_rows=8),
-                dict(BY_TOKEN, updown_rows=8, select_here_rows=8, pdl=True), dict(BY_TOKEN, updown_rows=8, gate_block_c=4),
-                dict(BY_TOKEN, updown_rows=8, updown_warps=8), dict(BY_TOKEN, updown_rows=8, updown_warps=8, select_here_rows=8)]
+# Batch 2 on CUDA cores with whole rows, a token at a time (stop 20; the default since): the gate's
+# channels and warps. Stop 20's sweeps (H200) also timed these kernels at batches 4 and 8 (8 or
+# 16 row slots, 4 or 8 warps, the select in the up/down programs: 63.7-1734 us against tensor
+# cores' 61.6-66.3) and at batch 2: 16 row slots (+20 us), 4 slots (+2.3), 8 warps (+7.5);
+# tensor cores' 64-channel and 16-channel up/down programs were slower there too (57-60 us).
+BY_TOKEN_GATE = [dict(gate_block_c=4), dict(gate_block_c=4, gate_warps=4), dict(gate_block_c=8, gate_warps=4),
+                 dict(gate_warps=4)]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
     # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's and 17's
@@ -202,27 +202,23 @@ SWEEP_ROW = {
     1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False),
         # the gate (5.7 us against its 5.3 us floor): warps, and channels a program
         dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
-    2: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True), *BY_TOKEN_ROW,
-        dict(DOT, updown_block_d=256, updown_block_c=64), dict(DOT, updown_block_d=128, updown_block_c=16)],
+    2: [dict(), *BY_TOKEN_GATE, dict(DOT, gate_warps=4, updown_block_d=128, select_here_rows=1, pdl=False)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), *BY_TOKEN_ROW],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), *BY_TOKEN_ROW],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
-BY_TOKEN_GROUP = [dict(use_dot=False, updown_block_c=16, updown_block_d=2048, gate_block_d=gate_d, updown_rows=rows,
-                       updown_warps=warps) for gate_d, rows, warps in ((512, 8, 4), (2048, 8, 4), (2048, 8, 8),
-                                                                        (2048, 16, 4))]
 SWEEP_GROUP = {
     1: [dict(), dict(pdl=False), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2),
         dict(finish_block_d=32), dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
         dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32)],  # stop 14's: 21.3 us
-    2: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        *BY_TOKEN_GROUP],
-    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        *BY_TOKEN_GROUP],
-    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        *BY_TOKEN_GROUP],
+    # batch 2 on CUDA cores since stop 20, whose sweeps (H200) also timed these kernels at 4 and 8
+    # tokens (66.7-753 us against tensor cores' 60.1-63.9) and at 2: gate tiles of 512 (+1.8), 4
+    # warps (+8.8), 16 row slots (+132)
+    2: [dict(), dict(pdl=False), dict(updown_rows=4), dict(GROUP_DOT, updown_block_c=32, updown_warps=4, gate_block_d=512)],
+    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
 }
 
 

@@ -247,8 +247,8 @@ def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, B, D, T: tl.constexpr
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if T > 1 and not USE_DOT and T * R * BLOCK_D > 32768:  # a (T, R, BLOCK_D) product would spill
-            acc += _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T, R)
+        if T > 1 and not USE_DOT:  # a token at a time: the (T, R, BLOCK_D) product's gate was slower (H200,
+            acc += _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T, R)  # batch 2: 11.4 against 9.8 us)
         else:
             xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
             acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
@@ -600,17 +600,23 @@ class LaunchConfig:
 # unmasked tiles and top-R slots: 16 slots 17.2-17.4 us, 8 slots 17.9-18.3, 8 warps 17.6-20.3;
 # the gate on 8 warps 15.89 us against 4 warps' 17.2 (2 warps 16.38, 2 channels a program 16.23),
 # then 2 channels a program on 8 warps 15.57 against 4 channels' 15.85 (8 channels 18.69).
+# Batch 2 since stop 20 (H200 sweeps): CUDA cores, whole rows, a token at a time, 8 row slots on 4
+# warps, the thresholds found in the up/down programs, chained launches: row Top-K 34.7-36.1 us
+# against tensor cores' 51.7-52.3; a:b the same way on 8 warps, 27.8 against 35.9-36.3. At 4 and
+# 8 tokens the same kernels ran slower than tensor cores (63.7-77.0 against 61.6 us at 4; 146-1734
+# against 66.3 at 8: registers spill), which stay there.
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
                     updown_warps=4, updown_rows=16, finish_block_d=16, pdl=True),
-    2: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
+    2: LaunchConfig(gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
+                    updown_rows=8, select_here_rows=2, pdl=True),
     4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_warps=4, updown_rows=4,
                     finish_block_d=16, pdl=True),
-    2: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
+    2: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_rows=8, updown_warps=8, pdl=True),
     4: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
     8: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
 }
