@@ -178,12 +178,12 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 # on for the row Top-K at batch 1 and for a:b groups at every batch.
 WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 # Batch 2 on CUDA cores with whole rows, a token at a time (stop 20; the default since): the gate's
-# channels and warps. Stop 20's sweeps (H200) also timed these kernels at batches 4 and 8 (8 or
+# channels and warps (stop 20's call 3, H200: 4 channels on 4 warps 30.4 us, 2 on 8 warps 32.0,
+# 2 on 4 warps 30.7, 4 on 8 warps 34.0, 8 on 4 warps 33.6). Stop 20's sweeps (H200) also timed these kernels at batches 4 and 8 (8 or
 # 16 row slots, 4 or 8 warps, the select in the up/down programs: 63.7-1734 us against tensor
 # cores' 61.6-66.3) and at batch 2: 16 row slots (+20 us), 4 slots (+2.3), 8 warps (+7.5);
 # tensor cores' 64-channel and 16-channel up/down programs were slower there too (57-60 us).
-BY_TOKEN_GATE = [dict(gate_block_c=4), dict(gate_block_c=4, gate_warps=4), dict(gate_block_c=8, gate_warps=4),
-                 dict(gate_warps=4)]
+BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
     # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's and 17's
@@ -202,7 +202,7 @@ SWEEP_ROW = {
     1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False),
         # the gate (5.7 us against its 5.3 us floor): warps, and channels a program
         dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
-    2: [dict(), *BY_TOKEN_GATE, dict(DOT, gate_warps=4, updown_block_d=128, select_here_rows=1, pdl=False)],
+    2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=512, updown_warps=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
