@@ -179,18 +179,14 @@ DOT = dict(use_dot=True, gate_block_c=32, gate_block_d=128)
 WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 # Batch 2 on CUDA cores with whole rows, a token at a time (stop 20; the default since): the gate's
 # channels and warps (stop 20's call 3, H200: 4 channels on 4 warps 30.4 us, 2 on 8 warps 32.0,
-# 2 on 4 warps 30.7, 4 on 8 warps 34.0, 8 on 4 warps 33.6). Stop 20's sweeps (H200) also timed these kernels at batches 4 and 8 (8 or
-# 16 row slots, 4 or 8 warps, the select in the up/down programs: 63.7-1734 us against tensor
-# cores' 61.6-66.3) and at batch 2: 16 row slots (+20 us), 4 slots (+2.3), 8 warps (+7.5);
-# tensor cores' 64-channel and 16-channel up/down programs were slower there too (57-60 us).
+# 2 on 4 warps 30.7, 4 on 8 warps 34.0, 8 on 4 warps 33.6). Stop 20's sweeps (H200) also timed:
+# - at batch 2: 16 row slots (+20 us), 4 slots (+2.3), 8 warps (+7.5); tensor cores' 64- and
+#   16-channel up/down programs (57-60 us);
+# - at batches 4 and 8, these kernels with 8 or 16 row slots, 4 or 8 warps, the select in the
+#   up/down programs (63.7-1734 us against tensor cores' 61.6-66.3), and with batch 2's gate and
+#   8-warp programs capped at 128 registers (60.4-104 against 61.6 at batch 4, 141-189 against
+#   66.2 at 8; a:b 67.4-606 and 218-839 against 60.0 and 63.6): registers spill, tensor cores stay.
 BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
-# Batches 4 and 8 a token at a time with batch 2's gate, the registers capped so that two 8-warp
-# programs share an SM (uncapped they spill or take one an SM; sm_90, offline).
-BY_TOKEN_CAPPED = [dict(use_dot=False, gate_block_c=4, gate_block_d=2048, gate_warps=4, updown_block_d=2048, **change)
-                   for change in (dict(updown_rows=8, updown_warps=8, updown_maxnreg=128),
-                                  dict(updown_rows=16, updown_warps=8, updown_maxnreg=128),
-                                  dict(updown_rows=4), dict(updown_rows=8, updown_warps=8, pdl=True, updown_maxnreg=128),
-                                  dict(updown_block_c=16, updown_rows=8, updown_warps=8, updown_maxnreg=128))]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
     # launched apart (25.5), 32 x 256 gate blocks (34.1); all slower than these. Stop 16's and 17's
@@ -211,13 +207,11 @@ SWEEP_ROW = {
         dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
     2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), *BY_TOKEN_CAPPED],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), *BY_TOKEN_CAPPED],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
-GROUP_BY_TOKEN_CAPPED = [dict(use_dot=False, updown_block_c=16, updown_block_d=2048, gate_block_d=2048, updown_rows=rows,
-                              updown_warps=8, updown_maxnreg=128) for rows in (8, 16)]
 SWEEP_GROUP = {
     1: [dict(), dict(pdl=False), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2),
         dict(finish_block_d=32), dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
@@ -226,10 +220,8 @@ SWEEP_GROUP = {
     # tokens (66.7-753 us against tensor cores' 60.1-63.9) and at 2: gate tiles of 512 (+1.8), 4
     # warps (+8.8), 16 row slots (+132)
     2: [dict(), dict(pdl=False), dict(updown_rows=4), dict(GROUP_DOT, updown_block_c=32, updown_warps=4, gate_block_d=512)],
-    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        *GROUP_BY_TOKEN_CAPPED],
-    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        *GROUP_BY_TOKEN_CAPPED],
+    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
 }
 
 
