@@ -82,6 +82,16 @@ def test_decode_updown_loads_whole_rows_16_bytes_a_thread_without_spilling():
     assert spills["value"] == 0, spills["ops"]
 
 
+def test_decode_updown_batch2_holds_two_tokens_without_spilling():
+    """Batch 2's up/down kernel (8 slots of whole rows, a token at a time, the partial of both
+    tokens in registers, 4 warps): the rows read 16 bytes at a time and nothing spills. Its first
+    form, a (tokens, rows, 2048) product, spilled hundreds of bytes a thread."""
+    records = _records("--kernel", "decode_updown_batch2")
+    assert records["decode_updown_batch2", "sass_16_byte_accesses"]["value"] >= 32
+    spills = records["decode_updown_batch2", "sass_local_memory_ops"]
+    assert spills["value"] == 0, spills["ops"]
+
+
 def test_decode_attention_step_reads_its_cache_tiles_16_bytes_a_thread_without_spilling():
     """The llama-1b step's split kernel (one warp, 16 slots of 64 bf16 a tile): the k and v tiles,
     2 KB each, are 4 16-byte loads a thread each, and nothing spills."""

@@ -25,7 +25,8 @@ from typing import Optional
 from moc_lightning.bench.common import emit
 
 BENCH = "sass"
-KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward", "decode_updown", "decode_attention_step")
+KERNELS = ("row_topk", "row_topk_mask", "mask_forward", "mask_backward", "decode_updown", "decode_updown_batch2",
+           "decode_attention_step")
 # Shared-memory traffic and CTA barriers: in a one-warp kernel, layout conversions.
 SHARED_MEMORY_OPS = ("STS", "LDS", "BAR")
 # Local-memory traffic: registers spilled.
@@ -77,26 +78,33 @@ def _mask_source(kernel: str, block_r: int = 1, words: int = 8, num_warps: int =
                      attrs={(i,): [["tt.divisibility", 16]] for i in aligned}), {"num_warps": num_warps}
 
 
-def _decode_updown_source():
-    """The MoC decode's up/down kernel as one bf16 token at the 1B shapes runs it (d 2048, d_ffn
-    5461, K 1024): the batch-1 launch config, the threshold found in every program, the hint."""
+def _decode_updown_source(rows: int = 1):
+    """The MoC decode's up/down kernel as bf16 tokens at the 1B shapes run it (d 2048, d_ffn 5461,
+    K 1024): one token (the batch-1 launch config, the threshold found in every program, the hint),
+    or two (batch 2's: whole rows a token at a time, the partial in registers, both thresholds
+    found in every program)."""
     import triton
     from triton.compiler import ASTSource
 
     from moc_lightning.kernels import moc_decode as md
 
-    cfg = md.launch_config(1)
+    cfg = md.launch_config(rows)
     d_model, d_ffn = 2048, 5461
+    if rows == 1:
+        per_rows = dict(R=min(cfg.updown_rows, cfg.updown_block_c), HINT=True, BY_TOKEN=False, ACC_REGS=False)
+    else:
+        per_rows = dict(R=cfg.updown_rows, HINT=False, BY_TOKEN=True, ACC_REGS=True)
     pointers = {"x_ptr": "*bf16", "wg_ptr": "*bf16", "g_ptr": "*fp32", "keys_ptr": "*i16", "hist_ptr": "*i32",
                 "fine_ptr": "*i32", "thr_ptr": "*i64", "cut_ptr": "*i32", "wu_ptr": "*bf16", "wdt_ptr": "*bf16",
                 "part_ptr": "*fp32", "hint_ptr": "*i32"}
     signature = {**pointers, **{name: "i32" for name in ("D", "F", "K", "GROUP_A", "GROUP_B", "B", "MAXR")}}
-    constexprs = dict(T=1, BLOCK_C=cfg.updown_block_c, BLOCK_D=cfg.updown_block_d,
-                      R=min(cfg.updown_rows, cfg.updown_block_c), SINGLE=d_model <= cfg.updown_block_d,
+    assert not cfg.use_dot and rows <= cfg.select_here_rows  # what the two configs are
+    constexprs = dict(T=rows, BLOCK_C=cfg.updown_block_c, BLOCK_D=cfg.updown_block_d,
+                      SINGLE=d_model <= cfg.updown_block_d,
                       EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
                       GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=triton.next_power_of_2(d_ffn),
-                      RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True, HINT=True,
-                      TOPK=md.HAS_TOPK, PDL=cfg.pdl)
+                      RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True,
+                      TOPK=md.HAS_TOPK, PDL=cfg.pdl, **per_rows)
     signature.update({name: "constexpr" for name in constexprs})
     aligned = [i for i, name in enumerate(signature) if name in pointers or name in ("D", "MAXR")]
     return ASTSource(fn=md._kernel(md._updown_kernel), signature=signature, constexprs=constexprs,
@@ -140,6 +148,8 @@ def compile_sass(kernel: str, chunk: int = 128) -> str:
         source, options = _mask_source(kernel)
     elif kernel == "decode_updown":
         source, options = _decode_updown_source()
+    elif kernel == "decode_updown_batch2":
+        source, options = _decode_updown_source(rows=2)
     elif kernel == "decode_attention_step":
         source, options = _decode_attention_step_source()
     else:
