@@ -315,12 +315,13 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
 def _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g, sel, B, D, T: tl.constexpr,
                           R: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_D: tl.constexpr, ACC_REGS: tl.constexpr):
     """Several tokens on CUDA cores, whole rows (d_model <= BLOCK_D): both R-row tiles requested
-    at once, as one token does, then a token at a time, each token's share of the partial added in
-    memory. A (T, R, BLOCK_D) product in registers, or a (T, BLOCK_D) partial held across the
-    rounds, spills at T 4-8 (thousands of bytes a thread, sm_90), and tensor cores pad the tokens
-    to 16 and loop over narrow column tiles whose loads wait on one another (stop 15: 31-42 us
-    for the up/down at batch 2-8 against a 3.6-8.5 us floor). g, sel: (T, R). ACC_REGS: the
-    partial stays in acc (T, BLOCK_D) across the rounds (few tokens), else it is added in memory."""
+    at once, as one token does, then a token at a time: its up dot, and its share of the down
+    partial. ACC_REGS: the partial stays in acc (T, BLOCK_D) across the rounds (few tokens), else
+    each token's share is added in memory. A (T, R, BLOCK_D) product in registers spills (0.3-12.5
+    KB a thread at T 2-8, sm_90), and tensor cores pad the tokens to 16 and loop over narrow column
+    tiles whose loads wait on one another (stop 15: 31-42 us for the up/down at batch 2-8 against
+    a 3.6-8.5 us floor). Each tile's float32 copy is made per token (times the token's 0 or 1, which
+    the compiler cannot hoist): hoisted, both copies stay live and spill. g, sel: (T, R)."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     at = rows.to(tl.int64)[:, None] * D + cols[None, :]
@@ -768,7 +769,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         raise ValueError(f"the launch config needs {grid} updown programs, the scratch holds {s.max_programs}")
     if tokens == 1 and HAS_TOPK:  # the slots are a top-R of the block's lanes
         slots = min(slots, block_c)
-    hint = s.hint(w_gate) if select_here and rank["KEY16"] else None
+    hint = s.hint(w_gate) if select_here and rows == 1 and rank["KEY16"] else None
     # several tokens on CUDA cores with whole rows: a token at a time (see _updown_rows_by_token)
     by_token = d_model <= cfg.updown_block_d and tokens > 1 and not cfg.use_dot
     # the partial held in registers across the rounds: up to 4 tokens of 2048 columns (64 a thread on 4 warps)
