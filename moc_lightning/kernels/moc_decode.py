@@ -284,24 +284,29 @@ def _top_slots(take, ch, g, R: tl.constexpr):
     return rows, (top & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), held
 
 
+def _whole_rows(wu_ptr, wdt_ptr, rows, D, BLOCK_D: tl.constexpr, EXACT_D: tl.constexpr):
+    """The R slots' whole up and down rows (R, BLOCK_D), both requested before any math (one round
+    trip). Slots past the kept rows read row 0 (the caller leaves rows 0 there) and the caller's sel
+    zeroes them, so the loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either.
+    A mask costs a predicate and a select per loaded value, and a thread holds hundreds."""
+    cols = tl.arange(0, BLOCK_D)
+    at = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    if EXACT_D:
+        return tl.load(wu_ptr + at), tl.load(wdt_ptr + at)
+    col_ok = cols < D
+    return (tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0),
+            tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0))
+
+
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, B, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
-    if SINGLE:  # both rows requested before any math (one round trip)
-        # Slots past the kept rows read row 0 (the caller leaves rows 0 there) and sel zeroes
-        # them, so the loads need no row mask; with EXACT_D (D == BLOCK_D) no column mask either.
-        # A mask costs a predicate and a select per loaded value, and a thread holds hundreds.
+    if SINGLE:
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        at = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        if EXACT_D:
-            wu = tl.load(wu_ptr + at)
-            wd = tl.load(wdt_ptr + at)
-        else:
-            wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
-            wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
+        wu, wd = _whole_rows(wu_ptr, wdt_ptr, rows, D, BLOCK_D, EXACT_D)
         xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
         z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
         acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
@@ -324,14 +329,7 @@ def _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g, sel
     the compiler cannot hoist): hoisted, both copies stay live and spill. g, sel: (T, R)."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    at = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    # slots past the kept rows read row 0 and sel zeroes them (see _updown_rows)
-    if EXACT_D:
-        wu = tl.load(wu_ptr + at)
-        wd = tl.load(wdt_ptr + at)
-    else:
-        wu = tl.load(wu_ptr + at, mask=col_ok[None, :], other=0.0)
-        wd = tl.load(wdt_ptr + at, mask=col_ok[None, :], other=0.0)
+    wu, wd = _whole_rows(wu_ptr, wdt_ptr, rows, D, BLOCK_D, EXACT_D)
     tok = tl.arange(0, T)
     z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile_by_token(x_ptr, wu, cols, col_ok, B, D, T, R), 0.0)
     for t in tl.static_range(T):
@@ -532,7 +530,7 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
 _DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _x_dot_tile_by_token,
                                                  _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _top_slots, _updown_rows, _updown_rows_by_token)}
+                                                 _top_slots, _whole_rows, _updown_rows, _updown_rows_by_token)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
