@@ -186,9 +186,6 @@ WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 #   up/down programs (63.7-1734 us against tensor cores' 61.6-66.3), and with batch 2's gate and
 #   8-warp programs capped at 128 registers (60.4-104 against 61.6 at batch 4, 141-189 against
 #   66.2 at 8; a:b 67.4-606 and 218-839 against 60.0 and 63.6): registers spill, tensor cores stay.
-# Batch 4 a token at a time, the gate's float32 tile made once (stop 20's call 5).
-BY_TOKEN_4 = [dict(use_dot=False, gate_block_c=c, gate_block_d=2048, gate_warps=4, updown_block_d=2048, updown_rows=r)
-              for c, r in ((4, 4), (8, 4), (4, 8))]
 BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
@@ -210,7 +207,7 @@ SWEEP_ROW = {
         dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
     2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False)],
     4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), *BY_TOKEN_4],
+        dict(DOT, updown_block_d=512, updown_warps=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=512, updown_warps=8)],
 }

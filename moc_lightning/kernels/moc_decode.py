@@ -225,21 +225,15 @@ def _z_dot_tile(z, w, T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr
     return out
 
 
-def _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T: tl.constexpr, R: tl.constexpr,
-                         COPY_PER_TOKEN: tl.constexpr):
+def _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T: tl.constexpr, R: tl.constexpr):
     """(T, R) float32 = x[:, cols] . w (R, cols)^T on CUDA cores a token at a time: a (T, R, cols)
-    product in registers spills at T 4-8 with whole 2048-wide rows (sm_90). COPY_PER_TOKEN: w's
-    float32 copy is made for each token (times the token's 0 or 1, which the compiler cannot
-    hoist), for tiles whose one copy would not fit beside the rest; else once, as the gate's small
-    tiles take it (a copy a token made the gate issue-bound: 11.6 us at 4 tokens, H200)."""
+    product in registers spills at T 4-8 with whole 2048-wide rows (sm_90)."""
     tok = tl.arange(0, T)
     out = tl.zeros((T, R), dtype=tl.float32)
-    wf = w.to(tl.float32)
     for t in tl.static_range(T):
         xt = tl.load(x_ptr + t * D + cols, mask=col_ok & (cols * 0 + t < B), other=0.0)
-        if COPY_PER_TOKEN:
-            wf = (w * (B > t).to(w.dtype)).to(tl.float32)
-        out = tl.where(tok[:, None] == t, tl.sum(wf * xt.to(tl.float32)[None, :], axis=1)[None, :], out)
+        one = (B > t).to(w.dtype)  # 1 (0 past B): keeps the float32 copy of w per token, not hoisted
+        out = tl.where(tok[:, None] == t, tl.sum((w * one).to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)[None, :], out)
     return out
 
 
@@ -254,7 +248,7 @@ def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, B, D, T: tl.constexpr
         col_ok = cols < D
         w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if T > 1 and not USE_DOT:  # a token at a time: the (T, R, BLOCK_D) product's gate was slower (H200,
-            acc += _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T, R, False)  # batch 2: 11.4 against 9.8 us)
+            acc += _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T, R)  # batch 2: 11.4 against 9.8 us)
         else:
             xv = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
             acc += _x_dot_tile(xv, w, T, USE_DOT, IEEE)
@@ -337,7 +331,7 @@ def _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g, sel
     col_ok = cols < D
     wu, wd = _whole_rows(wu_ptr, wdt_ptr, rows, D, BLOCK_D, EXACT_D)
     tok = tl.arange(0, T)
-    z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile_by_token(x_ptr, wu, cols, col_ok, B, D, T, R, True), 0.0)
+    z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile_by_token(x_ptr, wu, cols, col_ok, B, D, T, R), 0.0)
     for t in tl.static_range(T):
         z_t = tl.sum(tl.where(tok[:, None] == t, z, 0.0), axis=0)
         contrib = tl.sum(z_t[:, None] * (wd * (B > t).to(wd.dtype)).to(tl.float32), axis=0)
