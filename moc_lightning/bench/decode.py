@@ -185,7 +185,11 @@ WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 # - at batches 4 and 8, these kernels with 8 or 16 row slots, 4 or 8 warps, the select in the
 #   up/down programs (63.7-1734 us against tensor cores' 61.6-66.3), and with batch 2's gate and
 #   8-warp programs capped at 128 registers (60.4-104 against 61.6 at batch 4, 141-189 against
-#   66.2 at 8; a:b 67.4-606 and 218-839 against 60.0 and 63.6): registers spill, tensor cores stay.
+#   66.2 at 8; a:b 67.4-606 and 218-839 against 60.0 and 63.6): registers spill. Batch 4's row
+#   Top-K took the 4-slot kernel (60.4 and 59.5 against 61.6 and 61.2); the rest stay on tensor cores.
+# Batch 4 a token at a time since stop 20 (4 row slots; sweeps, H200: 8 slots +13.5 us, the gate
+# on 8 channels +0.5; tensor cores' 128-column tiles +1.2-1.7, chained +3.4, 512-column tiles on 8
+# warps +5.7).
 BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
@@ -206,8 +210,7 @@ SWEEP_ROW = {
         # the gate (5.7 us against its 5.3 us floor): warps, and channels a program
         dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
     2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False)],
-    4: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8)],
+    4: [dict(), dict(gate_block_c=8), dict(DOT, gate_warps=4, updown_block_d=128, updown_rows=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
         dict(DOT, updown_block_d=512, updown_warps=8)],
 }

@@ -602,15 +602,18 @@ class LaunchConfig:
 # Batch 2 since stop 20 (H200 sweeps): CUDA cores, whole rows, a token at a time, 8 row slots on 4
 # warps, the thresholds found in the up/down programs, chained launches, the gate on 4 channels a
 # program on 4 warps: row Top-K 30.4 us against tensor cores' 50.5 in one sweep (the gate 7.6 us,
-# 2 channels on 8 warps 32.0); a:b the same way on 8 warps, 27.7-27.8 against 35.9-36.3. At 4 and
-# 8 tokens the same kernels ran slower than tensor cores (63.7-77.0 against 61.6 us at 4; 146-1734
-# against 66.3 at 8: registers spill), which stay there.
+# 2 channels on 8 warps 32.0); a:b the same way on 8 warps, 27.7-27.8 against 35.9-36.3. Batch 4
+# the same way with 4 row slots and the select launched: 59.5 and 60.4 us against tensor cores'
+# 61.2 and 61.6 in two sweeps (8 slots 73.0; the gate 11.0 us, as slow as tensor cores' 9.5-11.6).
+# At 8 tokens these kernels ran far slower (141-1734 against 66.3: registers spill), and for a:b
+# at 4 and 8 too (66.7-839 against 60.0-63.9), which stay on tensor cores.
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
                     updown_warps=4, updown_rows=16, finish_block_d=16, pdl=True),
     2: LaunchConfig(gate_block_c=4, gate_block_d=2048, gate_warps=4, updown_block_c=32, updown_block_d=2048,
                     updown_rows=8, select_here_rows=2, pdl=True),
-    4: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
+    4: LaunchConfig(gate_block_c=4, gate_block_d=2048, gate_warps=4, updown_block_c=32, updown_block_d=2048,
+                    updown_rows=4),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
