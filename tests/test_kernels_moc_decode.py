@@ -65,7 +65,7 @@ def test_matches_float64_reference(rows, group, placement):
 @pytest.mark.parametrize("config", [
     # tensor cores (tokens padded to 16, tl.dot), 2 select bits a round, the select launched for one token
     LaunchConfig(gate_block_c=16, gate_block_d=16, updown_block_c=16, updown_block_d=16, use_dot=True,
-                 select_in_updown=False, radix_bits=2),
+                 select_here_rows=0, radix_bits=2),
     # whole rows in one tile (d_model <= updown_block_d), 4 kept rows at a time: several passes a block
     LaunchConfig(gate_block_c=32, gate_block_d=64, updown_block_c=64, updown_block_d=64, updown_rows=4),
     # batch 1's gate on an H200: few channels a program, each reading whole input rows; programmatic

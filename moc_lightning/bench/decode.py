@@ -345,12 +345,12 @@ def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, t
     parts = {}
     if kind == "moc":
         _, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch,
-                                         select_in_updown=False)
+                                         launch_select=True)
         parts = {"gate": stages["gate"], "topk": stages["select"], "up_down": stages["updown"], "finish": stages["finish"]}
     else:  # the gate, selection, up and down in one launch; the row path's gate GEMV reads the same W_gate
         row_module = layer.moc
         _, stages = kernel.decode_stages(x, wg, wu, row_module.decode_layout.w_down_t, k=K,
-                                         scratch=row_module.decode_layout.scratch, select_in_updown=False)
+                                         scratch=row_module.decode_layout.scratch, launch_select=True)
         parts = {"gate": stages["gate"]}
     scratch = layer.moc.decode_layout.scratch  # the row path's, which the gate launch counts into
     timed = {}
@@ -370,7 +370,7 @@ def breakdown(out: Recorder, layer: Layer, module, x: torch.Tensor, kind: str, t
         # its output bit for bit.
         step_out = module(x)
         staged, stages = kernel.decode_stages(x, wg, wu, layout.w_down_t, k=cfg.k, scratch=layout.scratch,
-                                              select_in_updown=False)
+                                              launch_select=True)
         for launch in stages.values():
             launch()
         out.check(f"breakdown/{kind}/stages_give_the_step", torch.equal(staged, step_out), **ctx)

@@ -567,11 +567,9 @@ class LaunchConfig:
     select_warps: int = 8
     radix_bits: int = 1
     use_dot: bool = False
-    # One token: every updown program finds the threshold itself from G and the histogram (one
-    # launch less, paid with the select's work repeated in each program); False launches
-    # `_select_kernel` first. Several tokens launch it, unless there are at most select_here_rows
-    # (each program then finds their thresholds one after another).
-    select_in_updown: bool = True
+    # Up to this many tokens every updown program finds the thresholds itself from G and the
+    # histograms, one token after another (one launch less, paid with the select's work repeated
+    # in each program); more tokens, or 0, launch `_select_kernel` first.
     select_here_rows: int = 1
     finish_block_d: int = 32
     finish_warps: int = 4
@@ -722,12 +720,13 @@ def _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch):
 def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, *,
                   k: int, group: Optional[tuple[int, int]] = None, placement: str = "pre_silu",
                   scratch: DecodeScratch, config: Optional[LaunchConfig] = None,
-                  select_in_updown: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
+                  launch_select: bool = False) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
     """The output tensor and the launches that fill it, by name, in order: 'gate' (G and the
-    histogram), 'select' (row Top-K thresholds, one program a token; not launched for one token
-    when the updown programs select themselves), 'updown' (a:b groups: the gate and selection
-    too), 'finish' (the partials summed into the output). Running them in order is `moc_decode`;
-    the benchmark times them one by one. select_in_updown overrides the config's choice."""
+    histogram), 'select' (row Top-K thresholds, one program a token; not launched when the
+    updown programs select themselves, see `LaunchConfig.select_here_rows`), 'updown' (a:b
+    groups: the gate and selection too), 'finish' (the partials summed into the output). Running
+    them in order is `moc_decode`; the benchmark times them one by one. launch_select: launch the
+    select whatever the config says (the benchmark times it alone)."""
     _check_inputs(x, w_gate, w_up, w_down_t, k, group, placement, scratch)
     x = x.contiguous()
     rows, d_model = x.shape
@@ -749,8 +748,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     n_pad = triton.next_power_of_2(d_ffn)
     select_here = False
     if group is None:
-        select_here = rows <= cfg.select_here_rows and (cfg.select_in_updown if select_in_updown is None
-                                                        else select_in_updown)
+        select_here = rows <= cfg.select_here_rows and not launch_select
         gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
         stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
             x, w_gate, s.g, s.keys, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
