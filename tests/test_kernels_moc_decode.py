@@ -202,35 +202,6 @@ def test_layers_share_one_scratch_per_shape():
     assert shared_scratch(D, 64, torch.device("cpu")) is not ffns[0].decode_layout.scratch
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("programs", [1, 4, 100])
-@pytest.mark.parametrize("group", ["2:8", "3:5"])
-def test_grouped_programs_walking_several_blocks(rows, programs, group):
-    """a:b groups on `updown_programs` programs, each walking blocks pid, pid + P, ... with one
-    partial for all of them: one program for every block, several, and more programs than blocks
-    (those write a zero partial). 172 channels leave a ragged last group; bf16 ranks rounded G."""
-    config = LaunchConfig(gate_block_d=64, updown_block_c=16, updown_block_d=64, updown_rows=4,
-                          updown_programs=programs)
-    wg, wu, wd = weights()
-    x = torch.randn(rows, D)
-    assert rel(run(x, wg, wu, wd, k=0, group=group, config=config), reference(x, wg, wu, wd, 0, group, "pre_silu")) < 1e-5
-    wg, wu, wd = weights(dtype=torch.bfloat16)
-    xb = torch.randn(rows, D, dtype=torch.bfloat16)
-    ref = reference(xb, wg, wu, wd, 0, group, "pre_silu", rank_dtype=torch.bfloat16)
-    assert rel(run(xb, wg, wu, wd, k=0, group=group, config=config), ref) < 2e-2
-
-
-def test_grouped_programs_need_whole_rows_on_cuda_cores():
-    wg, wu, wd = weights()
-    x = torch.randn(1, D)
-    for bad in (dict(updown_block_d=32), dict(updown_block_d=64, use_dot=True)):
-        config = LaunchConfig(updown_block_c=16, updown_programs=4, **bad)
-        with pytest.raises(ValueError, match="updown_programs needs whole rows on CUDA cores"):
-            run(x, wg, wu, wd, k=0, group="2:8", config=config)
-    with pytest.raises(ValueError, match="updown_programs = -1 must be 0"):
-        LaunchConfig(updown_programs=-1)
-
-
 def test_programmatic_dependent_launch_only_where_compiled_for_sm90():
     from moc_lightning.kernels.moc_decode import pdl_runs_on
 

@@ -215,18 +215,10 @@ SWEEP_ROW = {
         dict(DOT, updown_block_d=512, updown_warps=8)],
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
-# a:b at batch 1 on fewer programs, each walking several blocks, the next gate tiles asked of L2
-# while a block's kept rows are read (stop 21)
-STREAM = [dict(updown_programs=171, updown_rows=8), dict(updown_programs=171, updown_rows=8, updown_ahead=0),
-          dict(updown_programs=114, updown_rows=8), dict(updown_programs=114, updown_rows=8, updown_ahead=2),
-          dict(updown_programs=86, updown_rows=8, updown_ahead=2), dict(updown_programs=114, updown_warps=8),
-          dict(updown_programs=86, updown_warps=8, updown_block_c=32, updown_rows=8),
-          dict(updown_programs=132, updown_warps=8, updown_block_c=32, updown_rows=8),
-          dict(updown_programs=171, updown_maxnreg=168)]
 SWEEP_GROUP = {
-    # stops 14-20 (H200) also timed, all slower than the default: pdl off, 2 warps, the finish on
-    # 2 warps or 32 columns, gate tiles of 1024, and 64-channel programs (stop 14's: 21.3 us)
-    1: [dict(), dict(updown_warps=8), dict(updown_block_c=32, updown_rows=8), *STREAM],
+    1: [dict(), dict(pdl=False), dict(updown_warps=8), dict(updown_warps=2), dict(finish_warps=2),
+        dict(finish_block_d=32), dict(updown_block_c=32, updown_rows=8), dict(gate_block_d=1024),
+        dict(SINGLE, updown_block_c=64, updown_rows=16, gate_block_d=1024, finish_block_d=32)],  # stop 14's: 21.3 us
     # batch 2 on CUDA cores since stop 20, whose sweeps (H200) also timed these kernels at 4 and 8
     # tokens (66.7-753 us against tensor cores' 60.1-63.9) and at 2: gate tiles of 512 (+1.8), 4
     # warps (+8.8), 16 row slots (+132)

@@ -347,57 +347,6 @@ def _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g, sel
     return acc
 
 
-def _group_channels(blk, lane, F, GROUP_B, BLOCK_C: tl.constexpr, GROUP_P2: tl.constexpr):
-    """Block blk of whole a:b groups: lane i is member i % GROUP_P2 of the block's group i // GROUP_P2.
-    Returns the lanes' channels and which of them are real."""
-    member = lane % GROUP_P2
-    ch = (blk * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
-    return ch, (member < GROUP_B) & (ch < F)
-
-
-def _group_select(g, ch_ok, lane, tok_ok, GROUP_A, GROUP_P2: tl.constexpr, ROUND: tl.constexpr,
-                  POST_SILU: tl.constexpr):
-    """(T, BLOCK_C) kept: the lanes among the GROUP_A top of their group (ties: lower channel first)."""
-    score = _rank_score(g, ROUND, POST_SILU)
-    # rank of lane i in its group = #members j that outrank it
-    same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
-    s_i = score[:, :, None]
-    s_j = score[:, None, :]
-    beats = same[None, :, :] & ((s_j > s_i) | ((s_j == s_i) & (lane[None, None, :] < lane[None, :, None])))
-    rank = tl.sum(beats.to(tl.int32), axis=2)
-    return (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
-
-
-def _kept_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, ch, g, sel, tok, tok_ok, B, D, T: tl.constexpr, R: tl.constexpr,
-               BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr, USE_DOT: tl.constexpr,
-               IEEE: tl.constexpr, TOPK: tl.constexpr, BY_TOKEN: tl.constexpr, ACC_REGS: tl.constexpr):
-    """The block's kept channels (sel (T, BLOCK_C) over lanes ch, their G g): their up and down rows
-    in rounds of R slots, added to acc (or to the partial at part). Returns (acc, the kept rows)."""
-    needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
-    n_needed = tl.sum(needed.to(tl.int32), axis=0)
-    # Compact the needed rows into slots of R, so every load the program issues is a kept row
-    # (masked-off rows would leave the memory system idle while the tile is computed). Slots past
-    # the kept rows hold row 0.
-    place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
-    if TOPK and T == 1:
-        for first in range(0, n_needed, R):
-            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
-            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
-                               tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
-    else:
-        for first in range(0, n_needed, R):
-            want = first + tl.arange(0, R)
-            match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
-            rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
-            g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
-            sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
-            if BY_TOKEN:
-                acc = _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g_r, sel_r, B, D, T, R,
-                                            BLOCK_D, EXACT_D, ACC_REGS)
-            else:
-                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
-                                   tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
-    return acc, n_needed
 
 
 def _gate_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, D, F, B,
@@ -467,9 +416,19 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
     tok = tl.arange(0, T)
     tok_ok = tok < B
     if GROUPED:
-        ch, ch_ok = _group_channels(tl.program_id(0), lane, F, GROUP_B, BLOCK_C, GROUP_P2)
+        # Whole groups per block: lane i is member i % GROUP_P2 of group i // GROUP_P2.
+        member = lane % GROUP_P2
+        ch = (tl.program_id(0) * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
+        ch_ok = (member < GROUP_B) & (ch < F)
         g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
-        sel = _group_select(g, ch_ok, lane, tok_ok, GROUP_A, GROUP_P2, ROUND, POST_SILU)
+        score = _rank_score(g, ROUND, POST_SILU)
+        # rank of lane i in its group = #members j that outrank it (ties: lower channel first)
+        same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
+        s_i = score[:, :, None]
+        s_j = score[:, None, :]
+        beats = same[None, :, :] & ((s_j > s_i) | ((s_j == s_i) & (lane[None, None, :] < lane[None, :, None])))
+        rank = tl.sum(beats.to(tl.int32), axis=2)
+        sel = (rank < GROUP_A) & ch_ok[None, :] & tok_ok[:, None]
     else:
         ch = tl.program_id(0) * BLOCK_C + lane
         ch_ok = ch < F
@@ -507,10 +466,32 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             cut = tl.load(cut_ptr + tok, mask=tok_ok, other=0)
         sel = (key > thr[:, None]) | ((key == thr[:, None]) & (ch[None, :] <= cut[:, None]))
         sel = sel & ch_ok[None, :] & tok_ok[:, None]
+    needed = tl.max(sel.to(tl.int32), axis=0) > 0  # the union over tokens: each row read once
     part = part_ptr + tl.program_id(0).to(tl.int64) * MAXR * D
     acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)  # SINGLE: the whole partial, in registers
-    acc, n_needed = _kept_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, ch, g, sel, tok, tok_ok, B, D, T, R, BLOCK_D, SINGLE,
-                               EXACT_D, USE_DOT, IEEE, TOPK, BY_TOKEN, ACC_REGS)
+    n_needed = tl.sum(needed.to(tl.int32), axis=0)
+    # Compact the needed rows into slots of R, so every load the program issues is a kept row
+    # (masked-off rows would leave the memory system idle while the tile is computed). Slots past
+    # the kept rows hold row 0.
+    place = tl.cumsum(needed.to(tl.int32), axis=0) - 1
+    if TOPK and T == 1:
+        for first in range(0, n_needed, R):
+            rows, g_r, held = _top_slots(needed & (place >= first), ch, g, R)
+            acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
+                               tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+    else:
+        for first in range(0, n_needed, R):
+            want = first + tl.arange(0, R)
+            match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
+            rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
+            g_r = tl.sum(tl.where(match[None, :, :], g[:, None, :], 0.0), axis=2)
+            sel_r = tl.sum(tl.where(match[None, :, :], sel[:, None, :].to(tl.int32), 0), axis=2) > 0
+            if BY_TOKEN:
+                acc = _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g_r, sel_r, B, D, T, R,
+                                            BLOCK_D, EXACT_D, ACC_REGS)
+            else:
+                acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
+                                   tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     if SINGLE and (ACC_REGS or not BY_TOKEN):
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
@@ -519,64 +500,6 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
                 tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
-
-
-def _prefetch_l2(ptr, nbytes):
-    """Ask L2 for nbytes (a multiple of 16, 0: nothing) from ptr (16-byte aligned) and go on: one
-    bulk request (sm_90's cp.async.bulk.prefetch), issued by thread 0 alone. No register holds
-    the bytes, so a program can ask for its next tile long before it loads it."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p, q; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.ne.u32 q, $2, 0; "
-        "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr.to(tl.int64, bitcast=True), nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def _group_tile_bytes(blk, N_BLOCKS, F, D, GROUP_B, BLOCK_C: tl.constexpr, GROUP_P2: tl.constexpr):
-    """(first channel, bytes) of block blk's gate rows, contiguous (whole groups); 0 bytes past the
-    last block."""
-    first = blk * (BLOCK_C // GROUP_P2) * GROUP_B
-    n = tl.minimum((BLOCK_C // GROUP_P2) * GROUP_B, F - first)
-    return first, tl.where(blk < N_BLOCKS, n * D * 2, 0)
-
-
-def _grouped_stream_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, part_ptr, D, F, GROUP_A, GROUP_B, B, MAXR, N_BLOCKS,
-                           T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
-                           EXACT_D: tl.constexpr, IEEE: tl.constexpr, GROUP_P2: tl.constexpr, ROUND: tl.constexpr,
-                           POST_SILU: tl.constexpr, TOPK: tl.constexpr, BY_TOKEN: tl.constexpr, AHEAD: tl.constexpr,
-                           PDL: tl.constexpr):
-    """a:b groups with whole rows (d_model <= BLOCK_D), each program walking blocks pid, pid + P, ...
-    of whole groups and keeping one partial in registers for all of them (`_finish_kernel` adds
-    the P partials). With one block a program (`_updown_kernel`) every program reads its gate
-    tile, then its kept rows, all in step: the row reads (a third of the bytes) start when the
-    gate's are nearly done, and then the memory waits on them. Here AHEAD > 0 asks L2 for the
-    gate tile AHEAD blocks on (16-bit weights, D * 2 a multiple of 16) while this block's kept
-    rows are read, so the two overlap."""
-    _after_previous(PDL)
-    lane = tl.arange(0, BLOCK_C)
-    tok = tl.arange(0, T)
-    tok_ok = tok < B
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    pid = tl.program_id(0)
-    step = tl.num_programs(0)
-    x1 = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # one token's (T == 1)
-    acc = tl.zeros((T, BLOCK_D), dtype=tl.float32)
-    part = part_ptr + pid.to(tl.int64) * MAXR * D
-    for blk in range(pid, N_BLOCKS, step):
-        if AHEAD > 0:
-            first, nbytes = _group_tile_bytes(blk + AHEAD * step, N_BLOCKS, F, D, GROUP_B, BLOCK_C, GROUP_P2)
-            _prefetch_l2(wg_ptr + first.to(tl.int64) * D, nbytes)
-        ch, ch_ok = _group_channels(blk, lane, F, GROUP_B, BLOCK_C, GROUP_P2)
-        tile = tl.load(wg_ptr + ch.to(tl.int64)[:, None] * D + cols[None, :], mask=ch_ok[:, None] & col_ok[None, :],
-                       other=0.0)
-        if T == 1:
-            g = tl.sum(tile.to(tl.float32) * x1[None, :], axis=1)[None, :]
-        else:
-            g = _x_dot_tile_by_token(x_ptr, tile, cols, col_ok, B, D, T, BLOCK_C)
-        sel = _group_select(g, ch_ok, lane, tok_ok, GROUP_A, GROUP_P2, ROUND, POST_SILU)
-        acc, _ = _kept_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, ch, g, sel, tok, tok_ok, B, D, T, R, BLOCK_D, True,
-                            EXACT_D, False, IEEE, TOPK, BY_TOKEN, True)
-    tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & col_ok[None, :])
 
 
 def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -607,9 +530,7 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
 # are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
 _DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _x_dot_tile_by_token,
                                                  _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _top_slots, _whole_rows, _updown_rows, _updown_rows_by_token,
-                                                 _group_channels, _group_select, _kept_rows, _prefetch_l2,
-                                                 _group_tile_bytes)}
+                                                 _top_slots, _whole_rows, _updown_rows, _updown_rows_by_token)}
 _JIT_CACHE: dict[tuple[str, bool], object] = {}
 _bound_mode: Optional[bool] = None
 
@@ -650,13 +571,6 @@ class LaunchConfig:
     # histograms, one token after another (one launch less, paid with the select's work repeated
     # in each program); more tokens, or 0, launch `_select_kernel` first.
     select_here_rows: int = 1
-    # a:b groups with whole rows (d_model <= updown_block_d, CUDA cores): this many up/down
-    # programs, each walking several blocks with the next block's gate tile in flight
-    # (`_grouped_stream_kernel`); 0: one program a block (`_updown_kernel`).
-    updown_programs: int = 0
-    # ...and the gate tile this many blocks on asked of L2 while a block's rows are read (an sm_90
-    # bulk prefetch: compiled, 16-bit weights; 0: none)
-    updown_ahead: int = 1
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
@@ -665,8 +579,6 @@ class LaunchConfig:
     def __post_init__(self):
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
-        if self.updown_programs < 0:
-            raise ValueError(f"LaunchConfig.updown_programs = {self.updown_programs} must be 0 (a program a block) or more")
 
 
 # Per batch size (the smallest entry >= the rows), for row Top-K and for a:b groups (which use only
@@ -863,29 +775,14 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     acc_regs = by_token and tokens * triton.next_power_of_2(d_model) <= 8192
     # a register cap is a compile option of the CUDA backend (the interpreter takes none)
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
-    stream = group is not None and cfg.updown_programs > 0
-    if stream:
-        if d_model > cfg.updown_block_d or cfg.use_dot:
-            raise ValueError(f"LaunchConfig.updown_programs needs whole rows on CUDA cores (updown_block_d >= d_model "
-                             f"= {d_model}, use_dot off), got updown_block_d {cfg.updown_block_d}, use_dot {cfg.use_dot}")
-        blocks, grid = grid, min(cfg.updown_programs, grid)
-        # the bulk prefetch: PTX of sm_90, rows of whole 16-byte units
-        ahead = cfg.updown_ahead if pdl_runs_on(x.device) and (d_model * x.element_size()) % 16 == 0 \
-            and x.element_size() == 2 else 0
-        stages["updown"] = lambda: _kernel(_grouped_stream_kernel)[(grid,)](
-            x, w_gate, w_up, w_down_t, s.part, d_model, d_ffn, group_a, group_b, rows, s.max_rows, blocks, T=tokens,
-            BLOCK_C=block_c, BLOCK_D=cfg.updown_block_d, R=slots, EXACT_D=d_model == cfg.updown_block_d,
-            IEEE=common["IEEE"], GROUP_P2=group_p2, TOPK=HAS_TOPK, BY_TOKEN=tokens > 1, AHEAD=ahead, PDL=pdl,
-            ROUND=rank["ROUND"], POST_SILU=rank["POST_SILU"], num_warps=cfg.updown_warps, **launch, **regs)
-    else:
-        stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
-            x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-            d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
-            BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
-            SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
-            SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, BY_TOKEN=by_token, ACC_REGS=acc_regs,
-            num_warps=cfg.updown_warps, **common,
-            **rank, **launch, **regs)
+    stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
+        x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
+        BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
+        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
+        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, BY_TOKEN=by_token, ACC_REGS=acc_regs,
+        num_warps=cfg.updown_warps, **common,
+        **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
