@@ -202,39 +202,6 @@ def test_layers_share_one_scratch_per_shape():
     assert shared_scratch(D, 64, torch.device("cpu")) is not ffns[0].decode_layout.scratch
 
 
-@pytest.mark.parametrize("rows_each", [4, 8, 16])
-@pytest.mark.parametrize("k", [1, 17, 40, 90])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-radix", "bf16-fine-histogram"])
-def test_one_token_rows_shared_out_evenly(rows_each, k, dtype):
-    """balanced_rows: a select launch lists the K kept channels in channel order, and each up/down
-    program takes `rows_each` of them (the last one what is left: k 17 and 90 are not multiples).
-    Every gate row is one of 5, so G ties at the threshold: the list must keep exactly K, the
-    lowest tied channels first."""
-    config = LaunchConfig(gate_block_c=16, gate_block_d=64, updown_block_d=64, balanced_rows=rows_each)
-    _, wu, wd = weights(dtype=dtype)
-    wg = torch.randn(5, D)[torch.randint(0, 5, (D_FFN,))].to(dtype)
-    x = torch.randn(1, D, dtype=dtype)
-    scratch = DecodeScratch(D, D_FFN, x.device)
-    rank_dtype = f64 if dtype == torch.float32 else dtype
-    for _ in range(2):  # the second call starts from the histograms the first one's finish cleared
-        out = run(x, wg, wu, wd, k=k, config=config, scratch=scratch)
-        ref = reference(x, wg, wu, wd, k, None, "pre_silu", rank_dtype=rank_dtype)
-        assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-    g = (x.to(f64) @ wg.to(f64).T).to(rank_dtype)[0]
-    kept = reference_mask(g[None], k, None, "pre_silu")[0].nonzero().flatten()
-    assert torch.equal(scratch.idx[0, :k].long(), kept)  # the list: exactly the kept channels, in order
-
-
-def test_balanced_rows_refuses_several_tokens_and_split_rows():
-    wg, wu, wd = weights()
-    for rows, block_d in ((2, 64), (1, 32)):
-        with pytest.raises(ValueError, match="balanced_rows takes one token and whole rows"):
-            run(torch.randn(rows, D), wg, wu, wd, k=8,
-                config=LaunchConfig(updown_block_d=block_d, balanced_rows=8))
-    with pytest.raises(ValueError, match="balanced_rows = -1 must be 0"):
-        LaunchConfig(balanced_rows=-1)
-
-
 def test_programmatic_dependent_launch_only_where_compiled_for_sm90():
     from moc_lightning.kernels.moc_decode import pdl_runs_on
 

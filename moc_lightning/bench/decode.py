@@ -190,12 +190,6 @@ WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 # Batch 4 a token at a time since stop 20 (4 row slots; sweeps, H200: 8 slots +13.5 us, the gate
 # on 8 channels +0.5; tensor cores' 128-column tiles +1.2-1.7, chained +3.4, 512-column tiles on 8
 # warps +5.7).
-# One token's kept rows listed by a select launch and shared out evenly, `balanced_rows` a program
-# (stop 21): rows a program, their warps, and the select's warps.
-BALANCED = [dict(balanced_rows=8, updown_warps=8, select_warps=16), dict(balanced_rows=8, updown_warps=8, select_warps=32),
-            dict(balanced_rows=8, updown_warps=8, select_warps=8), dict(balanced_rows=8, updown_warps=4, select_warps=16),
-            dict(balanced_rows=16, updown_warps=8, select_warps=16), dict(balanced_rows=4, updown_warps=4, select_warps=16),
-            dict(balanced_rows=4, updown_warps=2, select_warps=16)]
 BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
@@ -212,9 +206,9 @@ SWEEP_ROW = {
     # the slots (+0.1 twice: the median program done 1.3 us sooner, the slowest not), no reads
     # past the kept rows (+0.8), 8 slots (+1.0), 8 warps capped (+0.9), the gate on 4 warps
     # (+0.3), on 4 channels a program (+0.1, +0.6) or on one (+2.4).
-    # Stop 21's sweep first (H200) timed again: 8 slots (+1.3), 8 warps capped (+0.5), pdl off
-    # (+2.0), the gate on 4 warps (+0.7), on 4 channels a program (+0.4) or on one (+3.1).
-    1: [dict(), *BALANCED],
+    1: [dict(), dict(updown_rows=8), dict(WARPS8), dict(pdl=False),
+        # the gate (5.7 us against its 5.3 us floor): warps, and channels a program
+        dict(gate_warps=4), dict(gate_block_c=4), dict(gate_block_c=1)],
     2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False)],
     4: [dict(), dict(gate_block_c=8), dict(DOT, gate_warps=4, updown_block_d=128, updown_rows=8)],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),

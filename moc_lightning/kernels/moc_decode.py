@@ -385,44 +385,6 @@ def _select_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, F, K, 
     tl.store(cut_ptr + t, cut)
 
 
-def _compact_kernel(g_ptr, keys_ptr, hist_ptr, fine_ptr, idx_ptr, F, K, N_PAD: tl.constexpr, ROUND: tl.constexpr,
-                    POST_SILU: tl.constexpr, KEY16: tl.constexpr, RADIX_BITS: tl.constexpr, PDL: tl.constexpr):
-    """One token's threshold (as `_select_kernel`), then its K kept channels listed in channel
-    order in idx (t, :K), for `_rows_kernel` to share out evenly."""
-    _after_previous(PDL)
-    t = tl.program_id(0)
-    hist = tl.load(hist_ptr + t * 256 + tl.arange(0, 256))
-    thr, cut = _row_threshold(g_ptr + t * F, keys_ptr + t * F, hist, hist, -1, fine_ptr + t * 65536, F, K, 0, N_PAD,
-                              N_PAD, ROUND, POST_SILU, KEY16, RADIX_BITS)
-    offs = tl.arange(0, N_PAD)
-    ok = offs < F
-    if KEY16:  # the gate kernel's keys (read above too: in L1 or L2)
-        key = tl.load(keys_ptr + t * F + offs, mask=ok, other=0).to(tl.int32) & 0xFFFF
-    else:
-        key = _rank_key(_rank_score(tl.load(g_ptr + t * F + offs, mask=ok, other=0.0), ROUND, POST_SILU), ROUND, KEY16)
-    kept = ok & ((key > thr) | ((key == thr) & (offs <= cut)))
-    tl.store(idx_ptr + t * F + tl.cumsum(kept.to(tl.int32), axis=0) - 1, offs, mask=kept)
-
-
-def _rows_kernel(x_ptr, g_ptr, idx_ptr, wu_ptr, wdt_ptr, part_ptr, D, K, MAXR, RP: tl.constexpr, BLOCK_D: tl.constexpr,
-                 EXACT_D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-    """One token, whole rows: program p takes kept rows p * RP ... of the list `_compact_kernel`
-    made, so every program has RP rows (the last one what is left), all requested at once, and
-    writes its partial sum of SiLU(G) * (x . W_up[c]) * W_down^T[c] for `_finish_kernel`."""
-    _after_previous(PDL)
-    p = tl.program_id(0)
-    at = p * RP + tl.arange(0, RP)
-    ok = at < K
-    rows = tl.load(idx_ptr + at, mask=ok, other=0)  # row 0 past the list: read, then zeroed by ok
-    g = tl.load(g_ptr + rows, mask=ok, other=0.0)
-    tok = tl.arange(0, 1)
-    acc = tl.zeros((1, BLOCK_D), dtype=tl.float32)
-    acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part_ptr, acc, 0, rows, ok, g[None, :], ok[None, :], tok, tok < 1, 1, D,
-                       1, RP, BLOCK_D, True, EXACT_D, False, IEEE)
-    cols = tl.arange(0, BLOCK_D)
-    tl.store(part_ptr + p.to(tl.int64) * MAXR * D + cols[None, :], acc, mask=(cols < D)[None, :])
-
-
 def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, cut_ptr, wu_ptr, wdt_ptr, part_ptr,
                    hint_ptr, D, F, K, GROUP_A, GROUP_B, B, MAXR,
                    T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -609,18 +571,12 @@ class LaunchConfig:
     # histograms, one token after another (one launch less, paid with the select's work repeated
     # in each program); more tokens, or 0, launch `_select_kernel` first.
     select_here_rows: int = 1
-    # One token (row Top-K): > 0 lists the kept channels in a select launch (`_compact_kernel`) and
-    # gives each up/down program this many of them (`_rows_kernel`: whole rows, d_model <=
-    # updown_block_d), so the programs share the rows evenly; 0: programs of updown_block_c channels.
-    balanced_rows: int = 0
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
     pdl: bool = False
 
     def __post_init__(self):
-        if self.balanced_rows < 0:
-            raise ValueError(f"LaunchConfig.balanced_rows = {self.balanced_rows} must be 0 (off) or more")
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
 
@@ -688,8 +644,6 @@ class DecodeScratch:
         self.keys = torch.zeros(max_rows, d_ffn, dtype=torch.int16, device=device)
         self.thr = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.cut = torch.zeros(max_rows, dtype=torch.int32, device=device)
-        # Each token's kept channels in channel order (LaunchConfig.balanced_rows)
-        self.idx = torch.zeros(max_rows, d_ffn, dtype=torch.int32, device=device)
         # A block of at least 16 lanes holds at least 8 channels (a:b groups: b just above a power
         # of two fills a little over half its lanes), hence at most this many updown programs.
         self.max_programs = -(-d_ffn // 8) + 1
@@ -794,25 +748,17 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     n_pad = triton.next_power_of_2(d_ffn)
     select_here = False
     if group is None:
-        balanced = cfg.balanced_rows > 0
-        if balanced and (rows > 1 or d_model > cfg.updown_block_d):
-            raise ValueError(f"LaunchConfig.balanced_rows takes one token and whole rows (updown_block_d >= d_model = "
-                             f"{d_model}), got {rows} tokens and updown_block_d {cfg.updown_block_d}")
-        select_here = rows <= cfg.select_here_rows and not launch_select and not balanced
+        select_here = rows <= cfg.select_here_rows and not launch_select
         gate_grid = (triton.cdiv(d_ffn, cfg.gate_block_c),)
         stages["gate"] = lambda: _kernel(_gate_kernel)[gate_grid](
             x, w_gate, s.g, s.keys, s.hist, s.fine, d_model, d_ffn, rows, BLOCK_C=cfg.gate_block_c, BLOCK_D=cfg.gate_block_d,
             num_warps=cfg.gate_warps, **common, **rank, **launch)
-        if balanced:
-            stages["select"] = lambda: _kernel(_compact_kernel)[(rows,)](
-                s.g, s.keys, s.hist, s.fine, s.idx, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
-                num_warps=cfg.select_warps, PDL=pdl, **rank, **launch)
-        elif not select_here:
+        if not select_here:
             stages["select"] = lambda: _kernel(_select_kernel)[(rows,)](
                 s.g, s.keys, s.hist, s.fine, s.thr, s.cut, d_ffn, k, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits,
                 num_warps=cfg.select_warps, PDL=pdl, **rank, **launch)
         block_c, group_a, group_b, group_p2 = cfg.updown_block_c, 0, 1, 1
-        grid = triton.cdiv(k, cfg.balanced_rows) if balanced else triton.cdiv(d_ffn, block_c)
+        grid = triton.cdiv(d_ffn, block_c)
     else:
         group_a, group_b = group
         group_p2 = triton.next_power_of_2(group_b)
@@ -829,20 +775,14 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     acc_regs = by_token and tokens * triton.next_power_of_2(d_model) <= 8192
     # a register cap is a compile option of the CUDA backend (the interpreter takes none)
     regs = dict(maxnreg=cfg.updown_maxnreg) if cfg.updown_maxnreg and not interpreting() else {}
-    if group is None and balanced:
-        stages["updown"] = lambda: _kernel(_rows_kernel)[(grid,)](
-            x, s.g, s.idx, w_up, w_down_t, s.part, d_model, k, s.max_rows, RP=cfg.balanced_rows,
-            BLOCK_D=cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, IEEE=common["IEEE"], PDL=pdl,
-            num_warps=cfg.updown_warps, **launch, **regs)
-    else:
-        stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
-            x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
-            d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
-            BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
-            SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
-            SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, BY_TOKEN=by_token, ACC_REGS=acc_regs,
-            num_warps=cfg.updown_warps, **common,
-            **rank, **launch, **regs)
+    stages["updown"] = lambda: _kernel(_updown_kernel)[(grid,)](
+        x, w_gate, s.g, s.keys, s.hist, s.fine, s.thr, s.cut, w_up, w_down_t, s.part, s.thr if hint is None else hint,
+        d_model, d_ffn, k, group_a, group_b, rows, s.max_rows, HINT=hint is not None, TOPK=HAS_TOPK, BLOCK_C=block_c,
+        BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
+        SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
+        SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, BY_TOKEN=by_token, ACC_REGS=acc_regs,
+        num_warps=cfg.updown_warps, **common,
+        **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
     p_block = min(triton.next_power_of_2(grid), max(16, 8192 // cfg.finish_block_d))
     stages["finish"] = lambda: _kernel(_finish_kernel)[finish_grid](
