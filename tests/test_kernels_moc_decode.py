@@ -80,15 +80,16 @@ def test_other_launch_configs(rows, config):
 
 
 @pytest.mark.parametrize("rows, k", [(2, 3), (3, 40), (8, 90)])
-@pytest.mark.parametrize("select_here_rows", [1, 8], ids=["select-launched", "select-in-updown"])
-def test_several_tokens_a_token_at_a_time(rows, k, select_here_rows):
+@pytest.mark.parametrize("select_here_rows, stages", [(1, 1), (8, 1), (1, 3)],
+                         ids=["select-launched", "select-in-updown", "stages-3"])  # the interpreter runs stages unpipelined
+def test_several_tokens_a_token_at_a_time(rows, k, select_here_rows, stages):
     """Batches 2-8 on CUDA cores with whole rows (d_model <= updown_block_d, no tensor cores): each
     token's up dot and down partial apart (held in registers up to 4 tokens, added in memory
     beyond). k 3 leaves most blocks with no kept row (their partial must be zeroed); k 90 at 8
     tokens needs more rounds of 4 slots than one. The thresholds come from the select launch, or
     each updown program finds every token's itself."""
     config = LaunchConfig(use_dot=False, gate_block_c=2, gate_block_d=64, gate_warps=8, updown_block_c=32,
-                          updown_block_d=64, updown_rows=4, select_here_rows=select_here_rows)
+                          updown_block_d=64, updown_rows=4, select_here_rows=select_here_rows, updown_stages=stages)
     wg, wu, wd = weights()
     x = torch.randn(rows, D)
     scratch = DecodeScratch(D, D_FFN, x.device)
@@ -211,6 +212,8 @@ def test_programmatic_dependent_launch_only_where_compiled_for_sm90():
 def test_too_small_updown_block_is_refused():
     with pytest.raises(ValueError, match="updown_block_c = 8 must be at least 16"):
         LaunchConfig(updown_block_c=8)
+    with pytest.raises(ValueError, match="updown_stages = 0 must be at least 1"):
+        LaunchConfig(updown_stages=0)
 
 
 def test_threshold_hint_is_each_layers_last_and_never_changes_the_output():

@@ -104,7 +104,7 @@ def _decode_updown_source(rows: int = 1):
                       EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d, USE_DOT=False, IEEE=False,
                       GROUPED=False, GROUP_P2=1, SELECT_HERE=True, N_PAD=triton.next_power_of_2(d_ffn),
                       RADIX_BITS=cfg.radix_bits, ROUND=1, POST_SILU=False, KEY16=True,
-                      TOPK=md.HAS_TOPK, PDL=cfg.pdl, **per_rows)
+                      TOPK=md.HAS_TOPK, STAGES=cfg.updown_stages, PDL=cfg.pdl, **per_rows)
     signature.update({name: "constexpr" for name in constexprs})
     aligned = [i for i, name in enumerate(signature) if name in pointers or name in ("D", "MAXR")]
     return ASTSource(fn=md._kernel(md._updown_kernel), signature=signature, constexprs=constexprs,

@@ -392,7 +392,8 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr, GROUP_P2: tl.constexpr,
                    SELECT_HERE: tl.constexpr, N_PAD: tl.constexpr, RADIX_BITS: tl.constexpr,
                    ROUND: tl.constexpr, POST_SILU: tl.constexpr, KEY16: tl.constexpr, HINT: tl.constexpr,
-                   TOPK: tl.constexpr, BY_TOKEN: tl.constexpr, ACC_REGS: tl.constexpr, PDL: tl.constexpr):
+                   TOPK: tl.constexpr, BY_TOKEN: tl.constexpr, ACC_REGS: tl.constexpr, STAGES: tl.constexpr,
+                   PDL: tl.constexpr):
     """The kept channels of one block: z = SiLU(G) * (x . W_up[c]), and this program's partial
     sum of z * W_down^T[c] written to its own slice of part (T, D); `_finish_kernel` adds them.
 
@@ -480,7 +481,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
             acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, held, g_r[None, :], held[None, :], tok,
                                tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
     else:
-        for first in range(0, n_needed, R):
+        for first in tl.range(0, n_needed, R, num_stages=STAGES):
             want = first + tl.arange(0, R)
             match = (place[None, :] == want[:, None]) & needed[None, :]  # (R, BLOCK_C): slot r holds lane c
             rows = tl.sum(tl.where(match, ch[None, :], 0), axis=1)
@@ -571,12 +572,18 @@ class LaunchConfig:
     # histograms, one token after another (one launch less, paid with the select's work repeated
     # in each program); more tokens, or 0, launch `_select_kernel` first.
     select_here_rows: int = 1
+    # Several tokens on CUDA cores: the rounds of kept rows software-pipelined this deep, the next
+    # round's rows copied into shared memory (cp.async) while this one is computed; 1: each round's
+    # loads wait for the round before.
+    updown_stages: int = 1
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
     pdl: bool = False
 
     def __post_init__(self):
+        if self.updown_stages < 1:
+            raise ValueError(f"LaunchConfig.updown_stages = {self.updown_stages} must be at least 1")
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
 
@@ -781,6 +788,7 @@ def decode_stages(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         BLOCK_D=cfg.updown_block_d, GROUPED=group is not None, GROUP_P2=group_p2, R=slots,
         SINGLE=d_model <= cfg.updown_block_d, EXACT_D=d_model == cfg.updown_block_d, GATE_D=cfg.gate_block_d,
         SELECT_HERE=select_here, N_PAD=n_pad, RADIX_BITS=cfg.radix_bits, BY_TOKEN=by_token, ACC_REGS=acc_regs,
+        STAGES=cfg.updown_stages,
         num_warps=cfg.updown_warps, **common,
         **rank, **launch, **regs)
     finish_grid = (triton.cdiv(d_model, cfg.finish_block_d), rows)
