@@ -83,9 +83,11 @@ def test_decode_updown_loads_whole_rows_16_bytes_a_thread_without_spilling():
 
 
 def test_decode_updown_batch2_holds_two_tokens_without_spilling():
-    """Batch 2's up/down kernel (8 slots of whole rows, a token at a time, the partial of both
-    tokens in registers, 4 warps): the rows read 16 bytes at a time and nothing spills. Its first
-    form, a (tokens, rows, 2048) product, spilled hundreds of bytes a thread."""
+    """Batch 2's up/down kernel (4 slots of whole rows, a token at a time, the partial of both
+    tokens in registers, 4 warps, the rounds pipelined two deep): the rows read 16 bytes at a time
+    (the pipelined rounds' copies into shared memory, 2 x 4 slots x 2 vectors a thread, and the
+    first round's loads) and nothing spills. Its first form, a (tokens, rows, 2048) product,
+    spilled hundreds of bytes a thread."""
     records = _records("--kernel", "decode_updown_batch2")
     assert records["decode_updown_batch2", "sass_16_byte_accesses"]["value"] >= 32
     spills = records["decode_updown_batch2", "sass_local_memory_ops"]

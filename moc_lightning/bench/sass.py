@@ -82,7 +82,7 @@ def _decode_updown_source(rows: int = 1):
     """The MoC decode's up/down kernel as bf16 tokens at the 1B shapes run it (d 2048, d_ffn 5461,
     K 1024): one token (the batch-1 launch config, the threshold found in every program, the hint),
     or two (batch 2's: whole rows a token at a time, the partial in registers, both thresholds
-    found in every program)."""
+    found in every program, the rounds of row slots pipelined)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -174,9 +174,9 @@ def opcode_counts(sass: str) -> Counter:
 
 
 def wide_accesses(sass: str) -> int:
-    """Global loads and stores of 16 bytes (LDG.E.128, STG.E.128): a dense tile read or written
-    8 bf16 a thread."""
-    return len(re.findall(r"\b(?:LDG|STG)\.E\.128\b", sass))
+    """Global loads and stores of 16 bytes (LDG.E.128, STG.E.128, and LDGSTS.E[.BYPASS].128, the
+    copies of a pipelined loop into shared memory): a dense tile read or written 8 bf16 a thread."""
+    return len(re.findall(r"\b(?:LDG|STG)\.E\.128\b|\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

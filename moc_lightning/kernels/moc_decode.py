@@ -611,14 +611,17 @@ class LaunchConfig:
 # the same way with 4 row slots and the select launched: 59.5 and 60.4 us against tensor cores'
 # 61.2 and 61.6 in two sweeps (8 slots 73.0; the gate 11.0 us, as slow as tensor cores' 9.5-11.6).
 # At 8 tokens these kernels ran far slower (141-1734 against 66.3: registers spill), and for a:b
-# at 4 and 8 too (66.7-839 against 60.0-63.9), which stay on tensor cores.
+# at 4 and 8 too (66.7-839 against 60.0-63.9), which stay on tensor cores. Stop 21 (H200, one
+# sweep): the rounds of row slots pipelined two deep, batch 2 on 4 slots 29.9 us against 31.0
+# (8 slots pipelined 32.4, 4 slots three deep 30.6), batch 4 58.4 against 60.8 (three deep 74.2);
+# a:b at batch 2 gained nothing (28.1 against 27.8), nor batch 8 a token at a time (141-178).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
                     updown_warps=4, updown_rows=16, finish_block_d=16, pdl=True),
     2: LaunchConfig(gate_block_c=4, gate_block_d=2048, gate_warps=4, updown_block_c=32, updown_block_d=2048,
-                    updown_rows=8, select_here_rows=2, pdl=True),
+                    updown_rows=4, updown_stages=2, select_here_rows=2, pdl=True),
     4: LaunchConfig(gate_block_c=4, gate_block_d=2048, gate_warps=4, updown_block_c=32, updown_block_d=2048,
-                    updown_rows=4),
+                    updown_rows=4, updown_stages=2),
     8: LaunchConfig(gate_block_c=32, gate_block_d=128, updown_block_d=128, use_dot=True),
 }
 GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
