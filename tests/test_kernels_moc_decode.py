@@ -203,6 +203,25 @@ def test_layers_share_one_scratch_per_shape():
     assert shared_scratch(D, 64, torch.device("cpu")) is not ffns[0].decode_layout.scratch
 
 
+def test_kernels_are_jitted_once_per_mode_with_their_device_functions_rebound():
+    """`ModeJit` (what moc_decode's and decode_attention's `_kernel` are): a kernel asked for twice
+    in one mode is one JIT function, and the device functions it calls are rebound by name in the
+    module's namespace to their JIT versions (a compiled kernel looks them up there)."""
+    from moc_lightning.kernels.runtime import ModeJit
+
+    def helper(x):
+        return x
+
+    def kernel(ptr):
+        pass
+
+    namespace = {"helper": helper}
+    jit = ModeJit(namespace, (helper,))
+    first = jit(kernel)
+    assert jit(kernel) is first and first.fn is kernel
+    assert namespace["helper"] is not helper and namespace["helper"].fn is helper
+
+
 def test_programmatic_dependent_launch_only_where_compiled_for_sm90():
     from moc_lightning.kernels.moc_decode import pdl_runs_on
 

@@ -54,8 +54,7 @@ def _stamp(ptr, slot, dep, ON: tl.constexpr):
 # (anchor in the kernel module's source, what replaces it); each anchor must occur exactly once.
 _EDITS = (
     ("\n# --- device functions", _STAMP_FN),
-    ("_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous,",
-     "_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_stamp, _after_previous,"),
+    ("_kernel = ModeJit(globals(), (_after_previous,", "_kernel = ModeJit(globals(), (_stamp, _after_previous,"),
     ("def _row_threshold(g_row_ptr,", "def _row_threshold(STAMP_PTR, STAMP_ON: tl.constexpr, g_row_ptr,"),
     ("    top = (packed >> 20) - 1\n", "    top = (packed >> 20) - 1\n    _stamp(STAMP_PTR, 1, top, STAMP_ON)\n"),
     ("        cut = F\n        if ((packed >> 20) & 0xFFFFF) == (packed >> 40):",

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, interpreting, pdl_runs_on, runs_on
+from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, ModeJit, pdl_runs_on, runs_on
 
 try:
     import triton
@@ -44,6 +44,14 @@ except ImportError:
 # Widest head the kernels take in one tile.
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+
+
+def _rope(at, d, partner, sign, cos, sin, in_head, ROUND_TO: tl.constexpr):
+    """One head's vector at `at` rotated as `apply_rotary` does it (channel i paired with i + D/2,
+    in float32), then rounded to ROUND_TO as the plain path's rotated q and k are; float32 out."""
+    x = (tl.load(at + d, mask=in_head, other=0.0).to(tl.float32) * cos
+         + sign * tl.load(at + partner, mask=in_head, other=0.0).to(tl.float32) * sin)
+    return x.to(ROUND_TO).to(tl.float32)
 
 
 def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,
@@ -72,15 +80,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, part_ptr, kn_ptr, vn_ptr, cos_ptr
         sign = tl.where(d < D // 2, -1.0, 1.0)
         cos = tl.load(cos_ptr + b * cs_sb + d, mask=in_head, other=0.0)
         sin = tl.load(sin_ptr + b * cs_sb + d, mask=in_head, other=0.0)
-        # RoPE as `apply_rotary` does it (channel i paired with i + D/2, in float32), rounded to
-        # the model's dtype as the plain path's rotated q and k are
-        q_at, k_at = q_ptr + b * q_sb + h * q_sh, kn_ptr + b * kn_sb + kv * kn_sh
-        q = (tl.load(q_at + d, mask=in_head, other=0.0).to(tl.float32) * cos
-             + sign * tl.load(q_at + partner, mask=in_head, other=0.0).to(tl.float32) * sin)
-        q = q.to(q_ptr.dtype.element_ty).to(tl.float32)
-        k_new = (tl.load(k_at + d, mask=in_head, other=0.0).to(tl.float32) * cos
-                 + sign * tl.load(k_at + partner, mask=in_head, other=0.0).to(tl.float32) * sin)
-        k_new = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)
+        q = _rope(q_ptr + b * q_sb + h * q_sh, d, partner, sign, cos, sin, in_head, q_ptr.dtype.element_ty)
+        k_new = _rope(kn_ptr + b * kn_sb + kv * kn_sh, d, partner, sign, cos, sin, in_head, k_ptr.dtype.element_ty)
         v_new = tl.load(vn_ptr + b * vn_sb + kv * vn_sh + d, mask=in_head, other=0.0).to(tl.float32)
         # the piece holding the slot writes it, one query head of each group
         writer = in_head & ((d * 0 + ((h % G == 0) & (slot >= start) & (slot < end)).to(tl.int32)) > 0)
@@ -145,15 +146,8 @@ def _combine_kernel(part_ptr, out_ptr, H, o_sb, o_sh, SPLITS: tl.constexpr, S_PA
     tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-_JIT_CACHE: dict[tuple[str, bool], object] = {}
-
-
-def _kernel(fn):
-    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating)."""
-    key = (fn.__name__, interpreting())
-    if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = triton.jit(fn)
-    return _JIT_CACHE[key]
+# The kernels, compiled for the mode in force, and the device function they call, rebound by name.
+_kernel = ModeJit(globals(), (_rope,))
 
 
 @dataclass(frozen=True)

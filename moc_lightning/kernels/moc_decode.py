@@ -58,7 +58,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, interpreting, pdl_runs_on, runs_on
+from moc_lightning.kernels.runtime import HAS_PDL, HAS_TRITON, ModeJit, interpreting, pdl_runs_on, runs_on
 
 try:
     import triton
@@ -527,25 +527,10 @@ def _finish_kernel(part_ptr, out_ptr, hist_ptr, fine_ptr, P, D, MAXR, P_BLOCK: t
             tl.store(fine_ptr + t * 65536 + f0 + tl.arange(0, 1024), tl.zeros((1024,), dtype=tl.int32))
 
 
-# Device functions the kernels call; compiled kernels resolve them by name in this module, so they
-# are rebound to their JIT-decorated versions for the mode in force (see `_kernel`).
-_DEVICE_FUNCTIONS = {fn.__name__: fn for fn in (_after_previous, _rank_score, _rank_key, _tie_cut, _x_dot_tile_by_token,
-                                                 _row_threshold, _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows,
-                                                 _top_slots, _whole_rows, _updown_rows, _updown_rows_by_token)}
-_JIT_CACHE: dict[tuple[str, bool], object] = {}
-_bound_mode: Optional[bool] = None
-
-
-def _kernel(fn):
-    """`fn` JIT-compiled for the mode in force now (TRITON_INTERPRET is read when decorating)."""
-    global _bound_mode
-    mode = interpreting()
-    if _bound_mode != mode:
-        globals().update({name: triton.jit(f) for name, f in _DEVICE_FUNCTIONS.items()})
-        _bound_mode = mode
-    if (fn.__name__, mode) not in _JIT_CACHE:
-        _JIT_CACHE[fn.__name__, mode] = triton.jit(fn)
-    return _JIT_CACHE[fn.__name__, mode]
+# The kernels, compiled for the mode in force, and the device functions they call, rebound by name.
+_kernel = ModeJit(globals(), (_after_previous, _rank_score, _rank_key, _tie_cut, _x_dot_tile_by_token, _row_threshold,
+                              _x_dot_tile, _z_dot_tile, _rows_times_x, _add_down_rows, _top_slots, _whole_rows,
+                              _updown_rows, _updown_rows_by_token))
 
 
 # --- host side ---------------------------------------------------------------------------------

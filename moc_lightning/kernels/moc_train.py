@@ -51,11 +51,11 @@ triton the module still imports, and the launchers raise a clear error.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
+from moc_lightning.kernels.runtime import interpreting
 from moc_lightning.kernels.topk_triton import mask_bytes
 
 try:
@@ -68,10 +68,6 @@ except ImportError:  # the torch path of MoC does not need triton
 TRITON_AVAILABLE = triton is not None
 # Group widths selected in-kernel: powers of two (a tile holds whole groups) up to this.
 MAX_FUSED_GROUP = 64
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def runs_on(device: torch.device) -> bool:
