@@ -71,7 +71,9 @@ def test_matches_float64_reference(rows, group, placement):
     # batch 1's gate on an H200: few channels a program, each reading whole input rows; programmatic
     # dependent launch asked for, which runs only compiled on sm_90 (here it must be left out)
     LaunchConfig(gate_block_c=2, gate_block_d=64, gate_warps=8, updown_block_c=16, updown_block_d=64, pdl=True),
-], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl"])
+    # tensor cores with the column tiles and rounds pipelined (the interpreter runs them in order)
+    LaunchConfig(gate_block_c=16, gate_block_d=16, updown_block_c=16, updown_block_d=16, use_dot=True, updown_stages=3),
+], ids=["dot-select-launch", "single-tile", "narrow-gate-pdl", "dot-stages-3"])
 def test_other_launch_configs(rows, config):
     wg, wu, wd = weights()
     x = torch.randn(rows, D)

@@ -218,7 +218,7 @@ SWEEP_ROW = {
     2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False), *PIPELINED[2]],
     4: [dict(), dict(gate_block_c=8), dict(DOT, gate_warps=4, updown_block_d=128, updown_rows=8), *PIPELINED[4]],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8)],
+        dict(DOT, updown_block_d=512, updown_warps=8), dict(updown_stages=2), dict(updown_stages=3)],
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
 SWEEP_GROUP = {
@@ -230,8 +230,10 @@ SWEEP_GROUP = {
     # warps (+8.8), 16 row slots (+132)
     # stop 21 (H200): the rounds pipelined two deep gained nothing (28.1 us on 4 slots, 37.7 on 8, against 27.8)
     2: [dict(), dict(pdl=False), dict(updown_rows=4), dict(GROUP_DOT, updown_block_c=32, updown_warps=4, gate_block_d=512)],
-    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
-    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256)],
+    4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
+        dict(GROUP_DOT, updown_stages=2), dict(GROUP_DOT, updown_stages=3)],
+    8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
+        dict(GROUP_DOT, updown_stages=2), dict(GROUP_DOT, updown_stages=3)],
 }
 
 

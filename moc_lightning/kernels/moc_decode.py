@@ -238,12 +238,12 @@ def _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T: tl.constexpr, R: tl.co
 
 
 def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, B, D, T: tl.constexpr, R: tl.constexpr,
-                  BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
     """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R), tok = 0..T-1 (those < B real). Rows
-    masked off are never read."""
+    masked off are never read. STAGES > 1: the column tiles' loads pipelined that deep."""
     acc = tl.zeros((T, R), dtype=tl.float32)
     row_base = rows.to(tl.int64) * D
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         w = tl.load(w_ptr + row_base[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -300,7 +300,7 @@ def _whole_rows(wu_ptr, wdt_ptr, rows, D, BLOCK_D: tl.constexpr, EXACT_D: tl.con
 
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, B, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
-                 USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr = 1):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:
@@ -311,7 +311,7 @@ def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel,
         z = tl.where(sel, g * tl.sigmoid(g) * _x_dot_tile(xv, wu, T, USE_DOT, IEEE), 0.0)
         acc += _z_dot_tile(z, wd, T, USE_DOT, IEEE)
     else:
-        u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, B, D, T, R, BLOCK_D, USE_DOT, IEEE)
+        u = _rows_times_x(x_ptr, wu_ptr, rows, row_ok, tok, tok_ok, B, D, T, R, BLOCK_D, USE_DOT, IEEE, STAGES)
         z = tl.where(sel, g * tl.sigmoid(g) * u, 0.0)
         _add_down_rows(z, wdt_ptr, part, first, rows, row_ok, tok, tok_ok, D, T, BLOCK_D, USE_DOT, IEEE)
     return acc
@@ -361,7 +361,7 @@ def _gate_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, D, F, B,
     ch_ok = ch < F
     tok = tl.arange(0, T)
     tok_ok = tok < B
-    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE)
+    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE, 1)
     valid = tok_ok[:, None] & ch_ok[None, :]
     tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
     # The select's first step, spread over all programs. Relaxed adds: only later launches read it.
@@ -421,7 +421,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
         member = lane % GROUP_P2
         ch = (tl.program_id(0) * (BLOCK_C // GROUP_P2) + lane // GROUP_P2) * GROUP_B + member
         ch_ok = (member < GROUP_B) & (ch < F)
-        g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE)
+        g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, GATE_D, USE_DOT, IEEE, STAGES)
         score = _rank_score(g, ROUND, POST_SILU)
         # rank of lane i in its group = #members j that outrank it (ties: lower channel first)
         same = ((lane[:, None] // GROUP_P2) == (lane[None, :] // GROUP_P2)) & ch_ok[None, :]
@@ -492,7 +492,7 @@ def _updown_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, thr_ptr, 
                                             BLOCK_D, EXACT_D, ACC_REGS)
             else:
                 acc = _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, want < n_needed, g_r, sel_r, tok,
-                                   tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE)
+                                   tok_ok, B, D, T, R, BLOCK_D, SINGLE, EXACT_D, USE_DOT, IEEE, STAGES)
     if SINGLE and (ACC_REGS or not BY_TOKEN):
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + tok[:, None] * D + cols[None, :], acc, mask=tok_ok[:, None] & (cols < D)[None, :])
