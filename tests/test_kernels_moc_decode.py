@@ -82,7 +82,7 @@ def test_other_launch_configs(rows, config):
 
 
 @pytest.mark.parametrize("rows, k", [(2, 3), (3, 40), (8, 90)])
-@pytest.mark.parametrize("select_here_rows, stages", [(1, 1), (8, 1), (1, 3)],
+@pytest.mark.parametrize("select_here_rows, stages", [(1, None), (8, 1), (1, 3)],
                          ids=["select-launched", "select-in-updown", "stages-3"])  # the interpreter runs stages unpipelined
 def test_several_tokens_a_token_at_a_time(rows, k, select_here_rows, stages):
     """Batches 2-8 on CUDA cores with whole rows (d_model <= updown_block_d, no tensor cores): each

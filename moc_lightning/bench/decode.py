@@ -195,7 +195,7 @@ WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 # three deep 30.6; batch 4 58.4 against 60.8 unpipelined, 74.2 three deep, 2 slots three deep 63.0;
 # batch 8 a token at a time, 4 slots two deep or 2 slots three deep, 141 and 178 against tensor
 # cores' 66.4: its partial lives in memory, so the rounds do not pipeline). The unpipelined forms:
-PIPELINED = {2: [dict(updown_rows=8, updown_stages=1), dict(updown_stages=3)], 4: [dict(updown_stages=1)]}
+PIPELINED = {2: [dict(updown_rows=8, updown_stages=None), dict(updown_stages=3)], 4: [dict(updown_stages=None)]}
 BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
 SWEEP_ROW = {
     # stop 15 (H200) timed more: 16-channel programs (28-32 us), 128-channel ones (25.7), the select
@@ -218,7 +218,7 @@ SWEEP_ROW = {
     2: [dict(), *BY_TOKEN_GATE, dict(DOT, updown_block_d=128, select_here_rows=1, pdl=False), *PIPELINED[2]],
     4: [dict(), dict(gate_block_c=8), dict(DOT, gate_warps=4, updown_block_d=128, updown_rows=8), *PIPELINED[4]],
     8: [dict(DOT, updown_block_d=128), dict(DOT, updown_block_d=128, pdl=True),
-        dict(DOT, updown_block_d=512, updown_warps=8), dict(updown_stages=2), dict(updown_stages=3)],
+        dict(DOT, updown_block_d=512, updown_warps=8), dict(updown_stages=1)],
 }
 GROUP_DOT = dict(use_dot=True, updown_block_d=128)
 SWEEP_GROUP = {
@@ -231,9 +231,9 @@ SWEEP_GROUP = {
     # stop 21 (H200): the rounds pipelined two deep gained nothing (28.1 us on 4 slots, 37.7 on 8, against 27.8)
     2: [dict(), dict(pdl=False), dict(updown_rows=4), dict(GROUP_DOT, updown_block_c=32, updown_warps=4, gate_block_d=512)],
     4: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        dict(GROUP_DOT, updown_stages=2), dict(GROUP_DOT, updown_stages=3)],
+        dict(GROUP_DOT, updown_stages=1), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256, updown_stages=1)],
     8: [dict(GROUP_DOT), dict(GROUP_DOT, pdl=False), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256),
-        dict(GROUP_DOT, updown_stages=2), dict(GROUP_DOT, updown_stages=3)],
+        dict(GROUP_DOT, updown_stages=1), dict(GROUP_DOT, updown_block_c=16, gate_block_d=256, updown_stages=1)],
 }
 
 

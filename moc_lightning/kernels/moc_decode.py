@@ -240,7 +240,7 @@ def _x_dot_tile_by_token(x_ptr, w, cols, col_ok, B, D, T: tl.constexpr, R: tl.co
 def _rows_times_x(x_ptr, w_ptr, rows, row_ok, tok, tok_ok, B, D, T: tl.constexpr, R: tl.constexpr,
                   BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
     """acc[t, r] = x[tok[t]] . w[rows[r]] in float32, (T, R), tok = 0..T-1 (those < B real). Rows
-    masked off are never read. STAGES > 1: the column tiles' loads pipelined that deep."""
+    masked off are never read. STAGES: the column tiles' loads pipelined that deep (None: Triton's choice)."""
     acc = tl.zeros((T, R), dtype=tl.float32)
     row_base = rows.to(tl.int64) * D
     for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
@@ -300,7 +300,7 @@ def _whole_rows(wu_ptr, wdt_ptr, rows, D, BLOCK_D: tl.constexpr, EXACT_D: tl.con
 
 def _updown_rows(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, row_ok, g, sel, tok, tok_ok, B, D, T: tl.constexpr,
                  R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, EXACT_D: tl.constexpr,
-                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr = 1):
+                 USE_DOT: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr = None):
     """(SiLU(g) * (x . W_up[rows]) where sel) . W_down^T[rows] for R rows (g, sel: (T, R)): added
     to acc (T, BLOCK_D) when one tile holds the whole width (SINGLE), else to the partial in memory."""
     if SINGLE:
@@ -361,7 +361,7 @@ def _gate_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, D, F, B,
     ch_ok = ch < F
     tok = tl.arange(0, T)
     tok_ok = tok < B
-    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE, 1)
+    g = _rows_times_x(x_ptr, wg_ptr, ch, ch_ok, tok, tok_ok, B, D, T, BLOCK_C, BLOCK_D, USE_DOT, IEEE, None)
     valid = tok_ok[:, None] & ch_ok[None, :]
     tl.store(g_ptr + tok[:, None] * F + ch[None, :], g, mask=valid)
     # The select's first step, spread over all programs. Relaxed adds: only later launches read it.
@@ -557,18 +557,19 @@ class LaunchConfig:
     # histograms, one token after another (one launch less, paid with the select's work repeated
     # in each program); more tokens, or 0, launch `_select_kernel` first.
     select_here_rows: int = 1
-    # Several tokens on CUDA cores: the rounds of kept rows software-pipelined this deep, the next
-    # round's rows copied into shared memory (cp.async) while this one is computed; 1: each round's
-    # loads wait for the round before.
-    updown_stages: int = 1
+    # The up/down programs' loops (rounds of kept rows; tensor cores' column tiles) software-pipelined
+    # this deep, the next iteration's rows copied into shared memory (cp.async) while this one is
+    # computed; 1: not pipelined; None: Triton's choice (it pipelines the tensor cores' loops, three
+    # deep on sm_90, and leaves the rounds be).
+    updown_stages: Optional[int] = None
     finish_block_d: int = 32
     finish_warps: int = 4
     # Programmatic dependent launch between the step's launches (CUDA sm_90+; ignored elsewhere).
     pdl: bool = False
 
     def __post_init__(self):
-        if self.updown_stages < 1:
-            raise ValueError(f"LaunchConfig.updown_stages = {self.updown_stages} must be at least 1")
+        if self.updown_stages is not None and self.updown_stages < 1:
+            raise ValueError(f"LaunchConfig.updown_stages = {self.updown_stages} must be at least 1 (or None)")
         if self.updown_block_c < 16:
             raise ValueError(f"LaunchConfig.updown_block_c = {self.updown_block_c} must be at least 16")
 
