@@ -601,6 +601,10 @@ class LaunchConfig:
 # sweep): the rounds of row slots pipelined two deep, batch 2 on 4 slots 29.9 us against 31.0
 # (8 slots pipelined 32.4, 4 slots three deep 30.6), batch 4 58.4 against 60.8 (three deep 74.2);
 # a:b at batch 2 gained nothing (28.1 against 27.8), nor batch 8 a token at a time (141-178).
+# a:b at 4 and 8 tokens since stop 21 (H200, two rounds in one call): 16-channel programs, gate
+# tiles of 256 columns, the tensor cores' loops not pipelined, 54.7 and 62.7 us against 60.0 and
+# 63.4 for 32-channel programs on 512-column gate tiles pipelined three deep (Triton's choice);
+# pipelined, the 16-channel form took 60.0 and 64.9 (three deep) or 73.6 and 79.4 (two).
 LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_c=2, gate_block_d=2048, gate_warps=8, updown_block_c=32, updown_block_d=2048,
                     updown_warps=4, updown_rows=16, finish_block_d=16, pdl=True),
@@ -614,8 +618,8 @@ GROUPED_LAUNCH_CONFIGS: dict[int, LaunchConfig] = {
     1: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_warps=4, updown_rows=4,
                     finish_block_d=16, pdl=True),
     2: LaunchConfig(gate_block_d=2048, updown_block_c=16, updown_block_d=2048, updown_rows=8, updown_warps=8, pdl=True),
-    4: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
-    8: LaunchConfig(updown_block_d=128, use_dot=True, pdl=True),
+    4: LaunchConfig(updown_block_c=16, gate_block_d=256, updown_block_d=128, use_dot=True, updown_stages=1, pdl=True),
+    8: LaunchConfig(updown_block_c=16, gate_block_d=256, updown_block_d=128, use_dot=True, updown_stages=1, pdl=True),
 }
 
 
