@@ -55,7 +55,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from moc_lightning.kernels.runtime import interpreting
+from moc_lightning.kernels.runtime import interpreting, runs_on
 from moc_lightning.kernels.topk_triton import mask_bytes
 
 try:
@@ -68,11 +68,6 @@ except ImportError:  # the torch path of MoC does not need triton
 TRITON_AVAILABLE = triton is not None
 # Group widths selected in-kernel: powers of two (a tile holds whole groups) up to this.
 MAX_FUSED_GROUP = 64
-
-
-def runs_on(device: torch.device) -> bool:
-    """Whether these kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    return TRITON_AVAILABLE and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
 
 
 def require(device: torch.device) -> None:
