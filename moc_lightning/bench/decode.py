@@ -194,7 +194,7 @@ WARPS8 = dict(updown_warps=8, updown_maxnreg=128)  # two 8-warp programs an SM
 # one sweep: batch 2 on 4 slots 29.9 us against 8 slots unpipelined 31.0, pipelined 32.4, 4 slots
 # three deep 30.6; batch 4 58.4 against 60.8 unpipelined, 74.2 three deep, 2 slots three deep 63.0;
 # batch 8 a token at a time, 4 slots two deep or 2 slots three deep, 141 and 178 against tensor
-# cores' 66.4: its partial lives in memory, so the rounds do not pipeline). The unpipelined forms:
+# cores' 66.4: its partial lives in memory, so the rounds do not pipeline). The other forms, timed again:
 PIPELINED = {2: [dict(updown_rows=8, updown_stages=None), dict(updown_stages=3)], 4: [dict(updown_stages=None)]}
 BY_TOKEN_GATE = [dict(gate_block_c=2, gate_warps=8), dict(gate_block_c=2), dict(gate_block_c=8)]
 SWEEP_ROW = {

@@ -347,8 +347,6 @@ def _updown_rows_by_token(x_ptr, wu_ptr, wdt_ptr, part, acc, first, rows, g, sel
     return acc
 
 
-
-
 def _gate_kernel(x_ptr, wg_ptr, g_ptr, keys_ptr, hist_ptr, fine_ptr, D, F, B,
                  T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, POST_SILU: tl.constexpr,
